@@ -1,0 +1,366 @@
+"""Configuration: dask config namespace ``lithops``, plus Lithops' own config file.
+
+Precedence, highest first: keyword argument > dask config (files, ``DASK_LITHOPS__*``
+env vars, ``dask.config.set``) > Lithops config file > package defaults
+(``lithops.yaml``).  Every key is described in ``lithops-schema.yaml``; a bad
+value fails with :class:`ConfigError` naming the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator, Mapping
+from functools import lru_cache
+from typing import Any
+
+import dask.config
+import yaml
+
+_HERE = os.path.dirname(__file__)
+DEFAULTS_FILE = os.path.join(_HERE, "lithops.yaml")
+SCHEMA_FILE = os.path.join(_HERE, "lithops-schema.yaml")
+NAMESPACE = "lithops"
+
+# Lithops' config sections that map one to one onto ours (same key names).
+LITHOPS_SECTIONS = ("localhost", "aws", "aws_lambda", "aws_ec2", "standalone", "ssh")
+MODE_OF_BACKEND = {
+    "localhost": "localhost",
+    "aws_lambda": "serverless",
+    "ssh": "standalone",
+    "vm": "standalone",
+    "aws_ec2": "standalone",
+}
+DEFAULT_BACKEND = {"localhost": "localhost", "serverless": "aws_lambda", "standalone": "ssh"}
+_MISSING = object()
+
+
+class ConfigError(ValueError):
+    """A configuration value (keyword, dask config or Lithops file) is invalid."""
+
+
+def _load_yaml(path: str) -> dict:
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
+
+
+PACKAGE_DEFAULTS: dict = _load_yaml(DEFAULTS_FILE)
+dask.config.update_defaults(PACKAGE_DEFAULTS)
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    return _load_yaml(SCHEMA_FILE)
+
+
+# --------------------------------------------------------------------------- Lithops file
+
+
+def lithops_config_file() -> str | None:
+    """The Lithops config file in effect, searched in Lithops' own order."""
+    if os.environ.get("LITHOPS_CONFIG_FILE"):
+        return os.environ["LITHOPS_CONFIG_FILE"]
+    for candidate in (
+        os.path.abspath(".lithops_config"),
+        os.path.expanduser("~/.lithops/config"),
+        "/etc/lithops/config",
+    ):
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+@lru_cache(maxsize=8)
+def _read_lithops_file(path: str, mtime: float) -> dict:
+    try:
+        data = _load_yaml(path)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Lithops config file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"Lithops config file {path} must be a mapping of sections")
+    return map_lithops_config(data)
+
+
+def map_lithops_config(data: Mapping) -> dict:
+    """Map a Lithops config (its sections) onto our ``lithops`` namespace.
+
+    Keys we do not know are left out (Lithops has storage and other backends
+    that do not concern Dask); known keys are validated like any other value.
+    """
+    ours: dict[str, Any] = {}
+    general = data.get("lithops") or {}
+    backend = general.get("backend")
+    if backend:
+        ours["backend"] = "ssh" if backend == "vm" else backend
+        ours["mode"] = MODE_OF_BACKEND.get(backend, general.get("mode"))
+    elif general.get("mode"):
+        ours["mode"] = general["mode"]
+    if general.get("log_level"):
+        ours["log_level"] = str(general["log_level"]).lower()
+    known = PACKAGE_DEFAULTS[NAMESPACE]
+    for section in LITHOPS_SECTIONS:
+        values = data.get(section)
+        if not isinstance(values, Mapping) or section not in known:
+            continue
+        ours[section] = {k: v for k, v in values.items() if k in known[section]}
+    vm = data.get("vm")
+    if isinstance(vm, Mapping) and "ssh" in known:
+        # Lithops' "vm" backend (consume one existing host) -> our ssh backend
+        mapped = {}
+        if vm.get("ip_address"):
+            user = vm.get("ssh_username")
+            mapped["hosts"] = [f"{user}@{vm['ip_address']}" if user else vm["ip_address"]]
+        if vm.get("ssh_key_filename"):
+            mapped["ssh_key_filename"] = vm["ssh_key_filename"]
+        ours.setdefault("ssh", {}).update({k: v for k, v in mapped.items() if k in known["ssh"]})
+    return {NAMESPACE: ours}
+
+
+def lithops_file_config() -> tuple[str | None, dict]:
+    path = lithops_config_file()
+    if path is None:
+        return None, {}
+    if not os.path.exists(path):
+        raise ConfigError(f"LITHOPS_CONFIG_FILE={path} does not exist")
+    return path, _read_lithops_file(path, os.path.getmtime(path))
+
+
+# --------------------------------------------------------------------------- lookup
+
+
+def _lookup(tree: Mapping, dotted: str, default=_MISSING):
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping):
+            return default
+        # dask treats - and _ alike in keys
+        if part in node:
+            node = node[part]
+        elif part.replace("_", "-") in node:
+            node = node[part.replace("_", "-")]
+        elif part.replace("-", "_") in node:
+            node = node[part.replace("-", "_")]
+        else:
+            return default
+    return node
+
+
+def _full(key: str) -> str:
+    return key if key.startswith(NAMESPACE + ".") else f"{NAMESPACE}.{key}"
+
+
+def get(key: str, override_with: Any = None) -> Any:
+    """Resolved value of ``key`` (``"localhost.n_workers"`` or ``"lithops.localhost.n_workers"``).
+
+    ``override_with`` wins when not None, like ``dask.config.get``'s argument.
+    """
+    return get_with_source(key, override_with)[0]
+
+
+def get_with_source(key: str, override_with: Any = None) -> tuple[Any, str]:
+    full = _full(key)
+    if override_with is not None:
+        return override_with, "keyword"
+    default = _lookup(PACKAGE_DEFAULTS, full)
+    value = dask.config.get(full, default=default if default is not _MISSING else None)
+    if default is _MISSING or value != default:
+        return value, _dask_source(full)
+    path, mapped = lithops_file_config()
+    from_file = _lookup(mapped, full)
+    if from_file is not _MISSING:
+        return from_file, f"lithops config {path}"
+    return value, "default"
+
+
+def _dask_source(full: str) -> str:
+    env = dask.config.collect_env()
+    if _lookup(env, full) is not _MISSING:
+        return "env DASK_" + full.upper().replace(".", "__").replace("-", "_")
+    for path in dask.config.paths:
+        for p in _yaml_files(path):
+            try:
+                data = _load_yaml(p)
+            except Exception:
+                continue
+            if _lookup(data, full) is not _MISSING:
+                return f"dask config {p}"
+    return "dask config"
+
+
+def _yaml_files(path: str) -> Iterator[str]:
+    if os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            if name.endswith((".yaml", ".yml")):
+                yield os.path.join(path, name)
+    elif os.path.exists(path):
+        yield path
+
+
+def leaves(tree: Mapping, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in tree.items():
+        dotted = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping) and v:
+            yield from leaves(v, dotted)
+        else:
+            yield dotted, v
+
+
+def resolved() -> list[tuple[str, Any, str]]:
+    """Every key of the namespace with its resolved value and where it came from."""
+    keys = {k for k, _ in leaves(PACKAGE_DEFAULTS)}
+    keys |= {f"{NAMESPACE}.{k}" for k, _ in leaves(dask.config.get(NAMESPACE, {}) or {})}
+    keys |= {k for k, _ in leaves(lithops_file_config()[1])}
+    return [(k, *get_with_source(k)) for k in sorted(keys)]
+
+
+def resolved_tree() -> dict:
+    tree: dict = {}
+    for key, value, _ in resolved():
+        node = tree
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return tree
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _describe(node: Mapping) -> str:
+    node = _deref(node)
+    if "enum" in node:
+        return "one of " + ", ".join("null" if v is None else repr(v) for v in node["enum"])
+    if "anyOf" in node:
+        return " or ".join(_describe(n) for n in node["anyOf"])
+    parts = []
+    types = node.get("type")
+    if types:
+        types = [types] if isinstance(types, str) else types
+        parts.append("/".join(t for t in types))
+    if "minimum" in node:
+        parts.append(f">= {node['minimum']}")
+    if "maximum" in node:
+        parts.append(f"<= {node['maximum']}")
+    text = " ".join(parts)
+    if node.get("description"):
+        text = f"{text} ({node['description']})" if text else node["description"]
+    return text or "any value"
+
+
+def _deref(node: Mapping) -> Mapping:
+    ref = node.get("$ref")
+    if ref:
+        target = schema()
+        for part in ref.lstrip("#/").split("/"):
+            target = target[part]
+        return {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+    return node
+
+
+def _schema_at(path: list[str]) -> Mapping | None:
+    node: Mapping = schema()
+    for part in path:
+        props = node.get("properties", {})
+        if part not in props:
+            return None
+        node = props[part]
+    return node
+
+
+def validate(tree: Mapping) -> None:
+    """Check a (partial) ``{"lithops": {...}}`` tree against the schema."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(_normalise(tree)), key=lambda e: list(e.path))
+    if not errors:
+        return
+    messages = []
+    for err in errors:
+        path = [str(p) for p in err.path]
+        if err.validator == "additionalProperties":
+            node = _schema_at(path) or {}
+            unknown = sorted(set(err.instance) - set(node.get("properties", {})))
+            for u in unknown:
+                messages.append(
+                    f"unknown key {'.'.join(path + [u])}; known keys: "
+                    + ", ".join(sorted(node.get("properties", {})))
+                )
+            continue
+        key = ".".join(path)
+        node = _schema_at(path) or err.schema
+        messages.append(f"{key} = {err.instance!r} is invalid; allowed: {_describe(node)}")
+    raise ConfigError("Invalid dask-lithops configuration:\n  " + "\n  ".join(messages))
+
+
+def _normalise(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {str(k).replace("-", "_"): _normalise(v) for k, v in tree.items()}
+    return tree
+
+
+def validate_current(overrides: Mapping[str, Any] | None = None) -> None:
+    """Validate dask config + Lithops file (+ keyword overrides keyed like "localhost.n_workers")."""
+    _, mapped = lithops_file_config()
+    tree = copy.deepcopy(mapped) or {NAMESPACE: {}}
+    tree = _merge(tree, {NAMESPACE: dask.config.get(NAMESPACE, {}) or {}})
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = tree
+        parts = _full(key).split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    validate(tree)
+
+
+def _merge(a: dict, b: Mapping) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def section(section_name: str, /, **overrides: Any) -> dict:
+    """Resolved values of one section (e.g. ``"localhost"``), validated, with keyword overrides."""
+    validate_current({f"{section_name}.{k}": v for k, v in overrides.items()})
+    keys = _lookup(PACKAGE_DEFAULTS, f"{NAMESPACE}.{section_name}")
+    if keys is _MISSING:
+        raise ConfigError(f"unknown config section lithops.{section_name}")
+    return {k: get(f"{section_name}.{k}", overrides.get(k)) for k in keys}
+
+
+def resolve_mode(mode: str | None = None, backend: str | None = None) -> tuple[str, str]:
+    """Mode and backend the way Lithops' ``FunctionExecutor()`` picks them.
+
+    A backend implies its mode; a mode alone takes its default backend; with
+    nothing configured anywhere the mode is localhost.
+    """
+    mode = get("mode", mode)
+    backend = get("backend", backend)
+    if backend == "vm":
+        backend = "ssh"
+    if backend:
+        if backend not in MODE_OF_BACKEND:
+            raise ConfigError(
+                f"lithops.backend = {backend!r} is invalid; allowed: "
+                + ", ".join(sorted(MODE_OF_BACKEND))
+            )
+        implied = MODE_OF_BACKEND[backend]
+        if mode and mode != implied:
+            raise ConfigError(
+                f"lithops.backend = {backend!r} belongs to mode {implied!r}, "
+                f"but lithops.mode = {mode!r}"
+            )
+        return implied, backend
+    mode = mode or "localhost"
+    if mode not in DEFAULT_BACKEND:
+        raise ConfigError(
+            f"lithops.mode = {mode!r} is invalid; allowed: " + ", ".join(DEFAULT_BACKEND)
+        )
+    return mode, DEFAULT_BACKEND[mode]

@@ -1,0 +1,184 @@
+"""The launch payload: what every mode hands to the worker entry point.
+
+A plain msgpack-able dict, so the same payload travels on a subprocess' stdin,
+in a function invocation's event, or in a 0600 file uploaded over SFTP.
+"""
+
+from __future__ import annotations
+
+import base64
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import msgpack
+
+# Packages whose versions must match between client and workers: a mismatch
+# breaks pickled task and data exchange in ways that surface as hangs.
+RUNTIME_PACKAGES = ("dask", "distributed", "cloudpickle", "msgpack")
+
+_SECURITY_FIELDS = (
+    "require_encryption",
+    "tls_ca_file",
+    "tls_ciphers",
+    "tls_min_version",
+    "tls_max_version",
+    "tls_worker_cert",
+    "tls_worker_key",
+    "tls_client_cert",
+    "tls_client_key",
+)
+
+
+class PayloadError(ValueError):
+    """A launch payload is malformed."""
+
+
+class RuntimeMismatch(RuntimeError):
+    """The worker's Python or packages differ from the client's."""
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def runtime_key() -> dict[str, str | None]:
+    """Versions that must agree between the client and every worker."""
+    key = {"python": "%d.%d" % sys.version_info[:2]}
+    key.update({name: _version(name) for name in RUNTIME_PACKAGES})
+    return key
+
+
+def runtime_mismatch(expected: dict, actual: dict | None = None) -> dict[str, tuple]:
+    """{package: (client's version, worker's version)} for every difference."""
+    actual = actual or runtime_key()
+    return {
+        k: (v, actual.get(k))
+        for k, v in expected.items()
+        if k in actual and v is not None and v != actual.get(k)
+    }
+
+
+def describe_mismatch(diff: dict[str, tuple], where: str = "worker") -> str:
+    parts = [f"{k}: client {c}, {where} {w}" for k, (c, w) in sorted(diff.items())]
+    return (
+        f"The {where}'s runtime does not match the client's ("
+        + "; ".join(parts)
+        + "). Rebuild or redeploy the runtime with the client's versions."
+    )
+
+
+def security_to_dict(security) -> dict | None:
+    """The fields of a distributed.Security that workers need (PEM contents, not paths)."""
+    if security is None:
+        return None
+    out: dict[str, Any] = {}
+    for name in _SECURITY_FIELDS:
+        value = getattr(security, name, None)
+        if isinstance(value, str) and name.endswith(("_file", "_cert", "_key")) and \
+                not value.lstrip().startswith("-----BEGIN"):
+            with open(value) as f:  # a path: ship the contents, the worker has no such file
+                value = f.read()
+        if name in ("tls_min_version", "tls_max_version") and value is not None:
+            value = int(value)
+        if value is not None:
+            out[name] = value
+    extra = getattr(security, "extra_conn_args", None)
+    if extra:
+        out["extra_conn_args"] = dict(extra)
+    return out
+
+
+def security_from_dict(data: dict | None):
+    from distributed.security import Security
+
+    if not data:
+        return Security()
+    import ssl
+
+    data = dict(data)
+    extra = data.pop("extra_conn_args", None) or {}
+    for name in ("tls_min_version", "tls_max_version"):
+        if data.get(name) is not None:
+            data[name] = ssl.TLSVersion(data[name])
+    return Security(extra_conn_args=extra, **data)
+
+
+@dataclass
+class LaunchPayload:
+    scheduler_address: str
+    name: str
+    nthreads: int = 1
+    memory_limit: int | str | None = "auto"
+    nanny: bool = True
+    lifetime: float | None = None
+    lifetime_stagger: float = 0.0
+    death_timeout: float = 60.0
+    security: dict | None = None
+    relay: dict | None = None  # {"address": "host:port"}; the token is in security.extra_conn_args
+    config: dict = field(default_factory=dict)
+    runtime_key: dict = field(default_factory=runtime_key)
+    local_directory: str | None = None
+    resources: dict | None = None
+    host: str | None = None
+    listen_address: str | None = None
+    contact_address: str | None = None
+    mode: str = "localhost"
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LaunchPayload:
+        if not isinstance(data, dict):
+            raise PayloadError(f"launch payload must be a mapping, got {type(data).__name__}")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise PayloadError(
+                f"unknown launch payload keys {sorted(unknown)}; allowed: {sorted(known)}"
+            )
+        for required in ("scheduler_address", "name"):
+            if not data.get(required):
+                raise PayloadError(f"launch payload is missing {required!r}")
+        if not isinstance(data["name"], str):
+            raise PayloadError("launch payload 'name' must be a string (it is the spec key)")
+        nthreads = data.get("nthreads", 1)
+        if not isinstance(nthreads, int) or nthreads < 1:
+            raise PayloadError(f"launch payload 'nthreads' = {nthreads!r}; allowed: integer >= 1")
+        return cls(**data)
+
+
+def encode(payload: LaunchPayload | dict) -> bytes:
+    data = payload.to_dict() if isinstance(payload, LaunchPayload) else payload
+    return msgpack.packb(data, use_bin_type=True)
+
+
+def decode(raw: bytes) -> LaunchPayload:
+    try:
+        data = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except Exception as e:
+        raise PayloadError(f"launch payload is not valid msgpack: {e}") from e
+    return LaunchPayload.from_dict(data)
+
+
+def encode_b64(payload: LaunchPayload | dict) -> str:
+    return base64.b64encode(encode(payload)).decode()
+
+
+def decode_b64(text: str) -> LaunchPayload:
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except Exception as e:
+        raise PayloadError(f"launch payload is not valid base64: {e}") from e
+    return decode(raw)
+
+
+def platform_tag() -> str:
+    return f"{platform.system().lower()}-{platform.machine()}"

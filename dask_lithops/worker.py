@@ -1,0 +1,223 @@
+"""The one worker entry point every mode launches.
+
+    python -m dask_lithops.worker --payload-file PATH   # 0600 file, deleted after reading
+    python -m dask_lithops.worker --payload -           # msgpack on stdin
+    DASK_LITHOPS_PAYLOAD=<base64 msgpack> python -m dask_lithops.worker
+
+It checks that this runtime matches the client's, then runs a distributed
+Nanny (or Worker) until the cluster stops it, its lifetime ends, or its
+scheduler has been unreachable for ``death_timeout``.  Launchers read two
+machine-readable lines on stdout: ``DASK_LITHOPS_READY {json}`` once the
+worker is up, ``DASK_LITHOPS_ERROR {json}`` when it cannot start.
+
+``run_worker(payload)`` is the same thing as a function (the FaaS handler calls it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import resource
+import signal
+import sys
+import time
+from typing import Any
+
+from dask_lithops.payload import (
+    LaunchPayload,
+    PayloadError,
+    RuntimeMismatch,
+    decode,
+    decode_b64,
+    describe_mismatch,
+    runtime_key,
+    runtime_mismatch,
+    security_from_dict,
+)
+
+logger = logging.getLogger("dask_lithops.worker")
+
+READY_MARK = "DASK_LITHOPS_READY"
+ERROR_MARK = "DASK_LITHOPS_ERROR"
+EXIT_RUNTIME_MISMATCH = 3
+EXIT_BAD_PAYLOAD = 2
+
+
+def check_runtime(payload: LaunchPayload) -> None:
+    diff = runtime_mismatch(payload.runtime_key, runtime_key())
+    if diff:
+        raise RuntimeMismatch(describe_mismatch(diff))
+
+
+def _server_kwargs(payload: LaunchPayload) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(
+        name=payload.name,
+        nthreads=payload.nthreads,
+        memory_limit=payload.memory_limit,
+        security=security_from_dict(payload.security),
+        death_timeout=payload.death_timeout,
+        lifetime=payload.lifetime,
+        lifetime_stagger=payload.lifetime_stagger,
+        lifetime_restart=False,
+        local_directory=payload.local_directory,
+        resources=payload.resources,
+        dashboard=False,
+    )
+    if payload.host:
+        kwargs["host"] = payload.host
+    if payload.contact_address:
+        kwargs["contact_address"] = payload.contact_address
+    if payload.relay:
+        from dask_lithops.relay import worker_addresses
+
+        kwargs.update(worker_addresses(payload.relay["address"], payload.relay["worker_id"],
+                                       nanny=payload.nanny))
+    elif payload.listen_address:
+        kwargs["listen_address"] = payload.listen_address
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+async def _scheduler_watchdog(server, payload: LaunchPayload, security) -> None:
+    """Close ``server`` once the scheduler has been unreachable for death_timeout.
+
+    A worker whose scheduler vanished (client SIGKILLed) must not outlive it:
+    distributed's own death_timeout covers only the first connection, and a
+    nanny would keep restarting its worker.
+    """
+    from distributed.comm import connect
+    from distributed.core import Status
+
+    interval = max(0.5, min(5.0, payload.death_timeout / 4))
+    last_ok = time.monotonic()
+    args = security.get_connection_args("worker")
+    while server.status not in (Status.closing, Status.closed, Status.failed):
+        await asyncio.sleep(interval)
+        try:
+            comm = await connect(payload.scheduler_address, timeout=interval * 2, **args)
+            await comm.close()
+            last_ok = time.monotonic()
+        except (OSError, asyncio.TimeoutError):
+            if time.monotonic() - last_ok > payload.death_timeout:
+                logger.warning(
+                    "Scheduler %s unreachable for %.0fs (death_timeout): closing worker %s",
+                    payload.scheduler_address, payload.death_timeout, payload.name)
+                await server.close(reason="scheduler-lost")
+                return
+        except Exception:  # a TLS or handshake error still means the scheduler is alive
+            last_ok = time.monotonic()
+
+
+async def run_worker_async(payload: LaunchPayload | dict, on_ready=None) -> dict:
+    """Run one worker described by ``payload`` until it stops; return an exit report."""
+    if isinstance(payload, dict):
+        payload = LaunchPayload.from_dict(payload)
+    check_runtime(payload)
+    start = time.monotonic()
+
+    import dask.config
+
+    with dask.config.set(payload.config or {}):
+        from distributed import Nanny, Worker
+
+        kwargs = _server_kwargs(payload)
+        cls = Nanny if payload.nanny else Worker
+        server = cls(payload.scheduler_address, **kwargs)
+        await server
+        address = server.worker_address if payload.nanny else server.address
+        if on_ready is not None:
+            on_ready({"name": payload.name, "address": address,
+                      "contact": getattr(server, "contact_address", None) or address,
+                      "pid": os.getpid()})
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread (e.g. inside a function runtime)
+        watchdog = asyncio.create_task(
+            _scheduler_watchdog(server, payload, kwargs["security"]))
+        finished = asyncio.create_task(server.finished())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait([finished, stopper], return_when=asyncio.FIRST_COMPLETED)
+        reason = "finished"
+        if stop.is_set() and not finished.done():
+            reason = "signal"
+            await server.close(reason="dask-lithops-stop")
+        watchdog.cancel()
+        stopper.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+    return {
+        "name": payload.name,
+        "reason": reason,
+        "duration": time.monotonic() - start,
+        "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def run_worker(payload: LaunchPayload | dict, on_ready=None) -> dict:
+    """Blocking form of :func:`run_worker_async` (a fresh event loop)."""
+    return asyncio.run(run_worker_async(payload, on_ready=on_ready))
+
+
+def read_payload(args: argparse.Namespace) -> LaunchPayload:
+    if args.payload_file:
+        with open(args.payload_file, "rb") as f:
+            raw = f.read()
+        if not args.keep_payload_file:
+            os.unlink(args.payload_file)  # it may hold TLS keys and the relay token
+        return decode(raw)
+    if args.payload == "-":
+        return decode(sys.stdin.buffer.read())
+    if args.payload:
+        return decode_b64(args.payload)
+    if os.environ.get("DASK_LITHOPS_PAYLOAD"):
+        return decode_b64(os.environ.pop("DASK_LITHOPS_PAYLOAD"))
+    raise PayloadError("no launch payload: give --payload-file, --payload or DASK_LITHOPS_PAYLOAD")
+
+
+def _emit(mark: str, data: dict) -> None:
+    sys.stdout.write(f"{mark} {json.dumps(data)}\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dask_lithops.worker",
+                                     description="dask-lithops worker entry point")
+    parser.add_argument("--payload-file", help="msgpack launch payload file (deleted after reading)")
+    parser.add_argument("--keep-payload-file", action="store_true")
+    parser.add_argument("--payload", help="base64 msgpack launch payload, or - for stdin")
+    parser.add_argument("--check-runtime", action="store_true",
+                        help="print this runtime's key as JSON and exit")
+    args = parser.parse_args(argv)
+    if args.check_runtime:
+        print(json.dumps(runtime_key()))
+        return 0
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+    try:
+        payload = read_payload(args)
+        report = run_worker(payload, on_ready=lambda info: _emit(READY_MARK, info))
+    except PayloadError as e:
+        _emit(ERROR_MARK, {"type": "PayloadError", "message": str(e)})
+        return EXIT_BAD_PAYLOAD
+    except RuntimeMismatch as e:
+        _emit(ERROR_MARK, {"type": "RuntimeMismatch", "message": str(e)})
+        return EXIT_RUNTIME_MISMATCH
+    except Exception as e:
+        logger.exception("worker failed")
+        _emit(ERROR_MARK, {"type": type(e).__name__, "message": str(e)})
+        return 1
+    logger.info("worker %s stopped: %s", report["name"], report["reason"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
