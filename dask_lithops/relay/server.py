@@ -1,0 +1,437 @@
+"""The relay server: rendezvous and byte splicing for workers that cannot be dialled.
+
+A worker behind the relay keeps one outbound *control* connection
+(``register``).  Whoever wants to reach that worker opens a connection to the
+relay (``connect``); the relay sends ``dial`` over the worker's control
+connection, the worker opens a fresh connection back (``accept``) and from
+then on the relay copies bytes between the two sockets and nothing else.
+
+Memory is bounded per stream: reads go through one shared buffer and are
+copied straight into the other socket's transport; when that transport's
+write buffer passes ``high_water`` the source socket stops being read until
+it drains below ``low_water`` (asyncio's pause/resume_writing ->
+pause/resume_reading).  So a stalled receiver costs at most
+``high_water + chunk_size`` bytes per direction, however fast the sender is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+import socket
+import time
+
+from dask_lithops.relay.protocol import (
+    HEADER,
+    MAGIC,
+    MAX_FRAME,
+    VERSION,
+    RelayProtocolError,
+    check_mac,
+    new_nonce,
+    pack,
+    unpack,
+)
+
+logger = logging.getLogger("dask_lithops.relay")
+
+_HELLO, _CONTROL, _WAITING, _SPLICE, _CLOSED = "hello", "control", "waiting", "splice", "closed"
+
+
+class _Conn(asyncio.BufferedProtocol):
+    """One TCP connection to the relay, in one of the states above."""
+
+    def __init__(self, server: RelayServer):
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.state = _HELLO
+        self.inbuf = bytearray()
+        self.peer: _Conn | None = None
+        self.nonce = new_nonce()
+        self.peername = "?"
+        self.worker_id: str | None = None
+        self.cid: str | None = None
+        self.eof = False
+        self.last_seen = time.monotonic()
+        self._hello_timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio callbacks -------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self.server.high_water,
+                                          low=self.server.low_water)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peername = f"{peer[0]}:{peer[1]}"
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            except OSError:
+                pass
+        self.server._conns.add(self)
+        self._hello_timer = asyncio.get_running_loop().call_later(
+            self.server.hello_timeout, self._hello_timeout)
+        transport.write(pack({"nonce": self.nonce, "v": VERSION}))
+
+    def get_buffer(self, sizehint):
+        # One buffer shared by every connection: asyncio calls get_buffer,
+        # recv_into and buffer_updated back to back, and buffer_updated copies
+        # the bytes out before returning.
+        return self.server._rbuf
+
+    def buffer_updated(self, nbytes):
+        data = self.server._rbuf[:nbytes]
+        if self.state == _SPLICE:
+            self.server.bytes_relayed += nbytes
+            self.peer.transport.write(bytes(data))
+            return
+        self.inbuf += data
+        if len(self.inbuf) > MAX_FRAME + len(MAGIC) + HEADER.size:
+            self._drop("oversized frame")
+            return
+        try:
+            self._process_frames()
+        except RelayProtocolError as e:
+            self._drop(str(e))
+
+    def eof_received(self):
+        if self.state == _SPLICE and self.peer is not None:
+            self.eof = True
+            if self.peer.transport.can_write_eof() and not self.peer.transport.is_closing():
+                self.peer.transport.write_eof()
+            if self.peer.eof:
+                self.transport.close()
+                self.peer.transport.close()
+            return True  # keep our write side open for the peer's remaining bytes
+        return False
+
+    def pause_writing(self):
+        # Our outgoing buffer is full: stop reading from the socket feeding it.
+        if self.peer is not None and self.state == _SPLICE:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self):
+        if self.peer is not None and self.state == _SPLICE:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc):
+        state, self.state = self.state, _CLOSED
+        self._cancel_hello_timer()
+        self.server._conns.discard(self)
+        if state == _CONTROL:
+            self.server._control_lost(self)
+        elif state == _WAITING:
+            self.server._waiting_lost(self)
+        elif state == _SPLICE:
+            self.server.streams -= 1
+            if self.peer is not None and not self.peer.transport.is_closing():
+                # close() flushes what is already buffered towards the peer
+                self.peer.transport.close()
+        self.peer = None
+
+    # -- helpers -----------------------------------------------------------
+
+    def send(self, msg: dict) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(pack(msg))
+
+    def _cancel_hello_timer(self):
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+
+    def _hello_timeout(self):
+        self._hello_timer = None
+        if self.state == _HELLO:
+            self._drop("no hello within timeout")
+
+    def _drop(self, reason: str):
+        logger.warning("relay: dropping connection from %s: %s", self.peername, reason)
+        self.server.refused += 1
+        self.transport.abort()
+
+    def _process_frames(self):
+        while True:
+            buf = self.inbuf
+            if self.state == _HELLO:
+                if len(buf) < len(MAGIC):
+                    return
+                if bytes(buf[:len(MAGIC)]) != MAGIC:
+                    raise RelayProtocolError("not a relay hello (bad magic)")
+                start = len(MAGIC)
+            elif self.state == _CONTROL:
+                start = 0
+            else:
+                return
+            if len(buf) < start + HEADER.size:
+                return
+            (n,) = HEADER.unpack_from(buf, start)
+            if n > MAX_FRAME:
+                raise RelayProtocolError("oversized frame")
+            end = start + HEADER.size + n
+            if len(buf) < end:
+                return
+            msg = unpack(bytes(buf[start + HEADER.size:end]))
+            del buf[:end]
+            self.last_seen = time.monotonic()
+            if self.state == _HELLO:
+                self._cancel_hello_timer()
+                # Nothing else may be read until the hello is dealt with.
+                self.transport.pause_reading()
+                self.server._on_hello(self, msg)
+                return
+            self.server._on_control(self, msg)
+
+
+class RelayServer:
+    """Relay for ``relay://`` addresses (see :mod:`dask_lithops.relay`).
+
+    Parameters
+    ----------
+    host, port
+        Where to listen (``port=0`` picks a free port; see :attr:`address`).
+    token
+        The cluster's relay token.  Only peers that prove they hold it are
+        admitted (workers registering, anyone connecting, workers dialling
+        back).  It is never logged.
+    heartbeat
+        Seconds between a worker's control-connection pings; a control
+        connection silent for three heartbeats is dropped.
+    dial_timeout
+        Seconds to wait for a worker to dial back before refusing the caller.
+    high_water, low_water, chunk_size
+        Per-direction flow-control limits (bytes) of a spliced stream.
+    """
+
+    def __init__(self, host: str = "0.0.0.0", port: int = 0, token: str | None = None, *,
+                 heartbeat: float = 5.0, dial_timeout: float = 10.0,
+                 hello_timeout: float = 10.0, high_water: int = 256 * 1024,
+                 low_water: int = 64 * 1024, chunk_size: int = 256 * 1024,
+                 backlog: int = 4096):
+        if not token or not isinstance(token, str):
+            raise ValueError("RelayServer needs a non-empty token (str)")
+        self.host = host
+        self.port = port
+        self._token = token
+        self.heartbeat = heartbeat
+        self.dial_timeout = dial_timeout
+        self.hello_timeout = hello_timeout
+        self.high_water = high_water
+        self.low_water = low_water
+        self.backlog = backlog
+        self._rbuf = memoryview(bytearray(chunk_size))
+        self._server: asyncio.base_events.Server | None = None
+        self._conns: set[_Conn] = set()
+        self._workers: dict[str, _Conn] = {}
+        self._pending: dict[str, tuple[str, _Conn, asyncio.TimerHandle]] = {}
+        self._reaper: asyncio.Task | None = None
+        self.streams = 0  # live spliced stream *ends* (2 per stream)
+        self.bytes_relayed = 0
+        self.refused = 0
+        self.refusals: collections.deque = collections.deque(maxlen=100)
+
+    def __repr__(self):
+        addr = self.address if self._server else "not started"
+        return f"<RelayServer {addr} workers={len(self._workers)} streams={self.streams // 2}>"
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> RelayServer:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Conn(self), self.host, self.port, reuse_address=True,
+            backlog=self.backlog)
+        self._reaper = asyncio.create_task(self._reap_silent_controls())
+        logger.info("relay listening on %s", self.address)
+        return self
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        if self._server is not None:
+            self._server.close()
+        for _, _, timer in self._pending.values():
+            timer.cancel()
+        self._pending.clear()
+        for conn in list(self._conns):
+            if conn.transport is not None:
+                conn.transport.abort()
+        self._conns.clear()
+        self._workers.clear()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self):
+        return await self.start()
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    def __await__(self):
+        return self.start().__await__()
+
+    async def serve_forever(self) -> None:
+        if self._server is None:
+            await self.start()
+        await self._server.serve_forever()
+
+    @property
+    def address(self) -> str:
+        """``host:port`` the relay listens on (the real port when started with 0)."""
+        if self._server is None or not self._server.sockets:
+            raise ValueError("RelayServer is not started")
+        host, port = self._server.sockets[0].getsockname()[:2]
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{host}:{port}"
+
+    def worker_url(self, worker_id: str, host: str | None = None) -> str:
+        """``relay://<host>:<port>/<worker_id>``; *host* defaults to the listen host."""
+        from dask_lithops.relay.protocol import parse_relay_address, unparse_relay_address
+
+        a = parse_relay_address(self.address)
+        return unparse_relay_address(host or a.host, a.port, worker_id)
+
+    # -- introspection (tests, benchmarks, dashboards) ---------------------
+
+    @property
+    def workers(self) -> list[str]:
+        return sorted(self._workers)
+
+    def buffered_bytes(self) -> int:
+        """Bytes currently held in the relay's write buffers (all streams)."""
+        return sum(c.transport.get_write_buffer_size() for c in self._conns
+                   if c.transport is not None)
+
+    def stats(self) -> dict:
+        return {"workers": len(self._workers), "streams": self.streams // 2,
+                "pending": len(self._pending), "connections": len(self._conns),
+                "bytes_relayed": self.bytes_relayed, "refused": self.refused,
+                "buffered_bytes": self.buffered_bytes()}
+
+    # -- protocol ----------------------------------------------------------
+
+    def _refuse(self, conn: _Conn, op, wid, reason: str, *, fatal: bool, warn: bool) -> None:
+        self.refused += 1
+        self.refusals.append((time.time(), conn.peername, op, wid, reason))
+        log = logger.warning if warn else logger.info
+        log("relay: refused %s for worker %r from %s: %s", op, wid, conn.peername, reason)
+        conn.send({"ok": False, "error": reason, "fatal": fatal})
+        conn.state = _CLOSED
+        conn.transport.close()
+
+    def _on_hello(self, conn: _Conn, msg: dict) -> None:
+        op, wid = msg.get("op"), msg.get("id")
+        if op not in ("register", "connect", "accept"):
+            self._refuse(conn, op, wid, "unknown operation", fatal=True, warn=True)
+            return
+        if not isinstance(wid, str) or not wid or "/" in wid or len(wid) > 512:
+            self._refuse(conn, op, wid, "invalid worker id", fatal=True, warn=True)
+            return
+        if not check_mac(self._token, conn.nonce, msg):
+            self._refuse(conn, op, wid, "invalid or missing relay token", fatal=True, warn=True)
+            return
+        getattr(self, "_on_" + op)(conn, wid, msg)
+
+    def _on_register(self, conn: _Conn, wid: str, msg: dict) -> None:
+        old = self._workers.get(wid)
+        if old is not None and old is not conn:
+            logger.info("relay: worker %r re-registered from %s; closing its old control "
+                        "connection from %s", wid, conn.peername, old.peername)
+            old.state = _CLOSED
+            old.transport.close()
+        self._workers[wid] = conn
+        conn.state = _CONTROL
+        conn.worker_id = wid
+        conn.send({"ok": True, "heartbeat": self.heartbeat})
+        logger.info("relay: worker %r registered from %s", wid, conn.peername)
+        conn.transport.resume_reading()
+        if conn.inbuf:
+            conn._process_frames()
+
+    def _on_control(self, conn: _Conn, msg: dict) -> None:
+        op = msg.get("op")
+        if op == "ping":
+            conn.send({"op": "pong"})
+        elif op == "reject":
+            pending = self._pending.get(str(msg.get("conn")))
+            if pending is not None and pending[0] == conn.worker_id:
+                self._fail_pending(str(msg.get("conn")),
+                                   f"worker refused: {msg.get('error', 'unknown')}")
+
+    def _control_lost(self, conn: _Conn) -> None:
+        if self._workers.get(conn.worker_id) is conn:
+            del self._workers[conn.worker_id]
+            logger.info("relay: worker %r control connection closed", conn.worker_id)
+
+    def _on_connect(self, conn: _Conn, wid: str, msg: dict) -> None:
+        ctrl = self._workers.get(wid)
+        if ctrl is None:
+            # Not fatal: the worker may be (re-)registering right now.
+            self._refuse(conn, "connect", wid, "worker not registered", fatal=False, warn=False)
+            return
+        cid = secrets.token_hex(16)
+        conn.state = _WAITING
+        conn.cid = cid
+        timer = asyncio.get_running_loop().call_later(
+            self.dial_timeout, self._fail_pending, cid, "worker did not dial back in time")
+        self._pending[cid] = (wid, conn, timer)
+        ctrl.send({"op": "dial", "conn": cid, "peer": conn.peername})
+
+    def _fail_pending(self, cid: str, reason: str) -> None:
+        entry = self._pending.pop(cid, None)
+        if entry is None:
+            return
+        wid, conn, timer = entry
+        timer.cancel()
+        if conn.state == _WAITING:
+            self._refuse(conn, "connect", wid, reason, fatal=False, warn=True)
+
+    def _waiting_lost(self, conn: _Conn) -> None:
+        entry = self._pending.pop(conn.cid, None)
+        if entry is not None:
+            entry[2].cancel()
+
+    def _on_accept(self, conn: _Conn, wid: str, msg: dict) -> None:
+        cid = msg.get("conn")
+        entry = self._pending.get(cid) if isinstance(cid, str) else None
+        if entry is None or entry[0] != wid:
+            self._refuse(conn, "accept", wid, "no such pending connection", fatal=False,
+                         warn=False)
+            return
+        del self._pending[cid]
+        _, client, timer = entry
+        timer.cancel()
+        if client.state != _WAITING:
+            self._refuse(conn, "accept", wid, "caller went away", fatal=False, warn=False)
+            return
+        self._splice(client, conn)
+
+    def _splice(self, a: _Conn, b: _Conn) -> None:
+        a.peer, b.peer = b, a
+        a.state = b.state = _SPLICE
+        self.streams += 2
+        a.send({"ok": True})
+        b.send({"ok": True, "peer": a.peername})
+        for src, dst in ((a, b), (b, a)):
+            if src.inbuf:  # bytes a peer sent early, after its hello
+                dst.transport.write(bytes(src.inbuf))
+                src.inbuf.clear()
+        a.transport.resume_reading()
+        b.transport.resume_reading()
+
+    async def _reap_silent_controls(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            limit = time.monotonic() - 3 * self.heartbeat
+            for wid, conn in list(self._workers.items()):
+                if conn.last_seen < limit:
+                    logger.warning("relay: worker %r silent for %.0fs; dropping its control "
+                                   "connection", wid, time.monotonic() - conn.last_seen)
+                    conn.transport.abort()
