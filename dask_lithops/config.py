@@ -301,10 +301,19 @@ def _normalise(tree: Any) -> Any:
 
 
 def validate_current(overrides: Mapping[str, Any] | None = None) -> None:
-    """Validate dask config + Lithops file (+ keyword overrides keyed like "localhost.n_workers")."""
-    _, mapped = lithops_file_config()
-    tree = copy.deepcopy(mapped) or {NAMESPACE: {}}
-    tree = _merge(tree, {NAMESPACE: dask.config.get(NAMESPACE, {}) or {}})
+    """Validate the Lithops file, the dask config and keyword overrides ("localhost.n_workers").
+
+    Each is checked on its own, so a bad value is reported even where a higher
+    layer overrides it.
+    """
+    path, mapped = lithops_file_config()
+    if mapped:
+        try:
+            validate(mapped)
+        except ConfigError as e:
+            raise ConfigError(f"{e}\n(from the Lithops config file {path})") from None
+    validate({NAMESPACE: dask.config.get(NAMESPACE, {}) or {}})
+    tree: dict = {NAMESPACE: {}}
     for key, value in (overrides or {}).items():
         if value is None:
             continue
