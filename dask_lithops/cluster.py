@@ -240,7 +240,7 @@ class LithopsCluster(SpecCluster):
                 host=relay_host, port=config.get("relay.port"),
                 token=self._security.extra_conn_args["relay_token"])
             await self._relay_server.start()
-            self.relay_address = self._relay_server.address
+            self.relay_address = self._relay_contact_address(self._relay_server.address)
 
     async def _close(self):
         await super()._close()
@@ -318,6 +318,18 @@ class LithopsCluster(SpecCluster):
                 return host
             return f"{protocol}://{host}:{port}"
         return address
+
+    def _relay_contact_address(self, listen: str) -> str:
+        """The relay's host:port as workers dial it (never a wildcard)."""
+        from distributed.comm.addressing import parse_host_port, unparse_host_port
+
+        host, port = parse_host_port(listen)
+        if self.contact_host:
+            contact = self.contact_host.split("://")[-1]
+            host = parse_host_port(contact)[0] if ":" in contact else contact
+        elif host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return unparse_host_port(host, port)
 
     def launch_payload(self, name: str) -> LaunchPayload:
         relay = None

@@ -73,8 +73,7 @@ def _server_kwargs(payload: LaunchPayload) -> dict[str, Any]:
     if payload.relay:
         from dask_lithops.relay import worker_addresses
 
-        kwargs.update(worker_addresses(payload.relay["address"], payload.relay["worker_id"],
-                                       nanny=payload.nanny))
+        kwargs.update(worker_addresses(payload.relay["address"], payload.relay["worker_id"]))
     elif payload.listen_address:
         kwargs["listen_address"] = payload.listen_address
     return {k: v for k, v in kwargs.items() if v is not None}
