@@ -1,0 +1,500 @@
+"""StandaloneCluster: machines reachable over SSH become a Dask cluster.
+
+On start every host is connected to and probed in parallel (runtime prepared:
+host Python used as is, or a per-runtime venv built once); then the scheduler
+starts (in this process, or on the first host behind an SSH tunnel) and every
+host gets one worker group: ``worker_processes`` detached processes of the
+shared entry point ``python -m dask_lithops.worker``.  One spec entry is one
+host (``group`` = its processes), so ``scale()`` adds or removes whole hosts,
+retiring their workers gracefully; ``close()`` stops every process it started
+and verifies on each host that none remains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import weakref
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from distributed.core import Status
+from distributed.deploy.spec import ProcessInterface
+
+from dask_lithops import config
+from dask_lithops.cluster import LithopsCluster, WorkerLaunchError, WorkerLauncher, \
+    inherited_config
+from dask_lithops.payload import encode, security_to_dict
+
+from .bootstrap import ensure_private_dirs, read_log, start_processes, stop_processes
+from .providers.ssh import (HostSpec, SSHConnection, SSHConnectErrors, SSHError, connect,
+                            run_in_ssh_thread, quote)
+from .remote_runtime import HostRuntime, RuntimeSpec, client_runtime, prepare_host
+
+logger = logging.getLogger(__name__)
+
+SCHEDULER_PLACEMENTS = ("auto", "local", "remote")
+
+
+@dataclass
+class HostState:
+    index: int
+    spec: HostSpec
+    conn: SSHConnection
+    runtime: HostRuntime
+    processes: int
+
+
+def _processes(value, cores: int) -> int:
+    if value is None or str(value).upper() == "AUTO":
+        return max(1, cores)
+    return int(value)
+
+
+class SSHWorkerGroup(WorkerLauncher):
+    """One host's worker group: ``processes`` entry-point processes, detached."""
+
+    def __init__(self, scheduler: str, name: str, cluster: weakref.ref, host: int = 0,
+                 **options: Any):
+        super().__init__(scheduler, name, cluster, **options)
+        self.host_index = host
+        self.pids: list[int] = []
+        self.proc_names: list[str] = []
+        self.log_paths: dict[str, str] = {}
+        self.marker = ""
+        self._state: HostState | None = None
+
+    async def start(self) -> None:
+        await self.launch(None)
+        await ProcessInterface.start(self)
+
+    async def launch(self, payload) -> None:
+        cluster = self.cluster
+        h = self._state = cluster._host_states[self.host_index]
+        rd = h.runtime.remote_dir
+        run_dir, log_dir = f"{rd}/run/{cluster.cluster_id}", f"{rd}/logs/{cluster.cluster_id}"
+        self.marker = f"{run_dir}/{self.name}-"
+        self.proc_names = [f"{self.name}-{i}" for i in range(h.processes)]
+        scheduler_address = cluster._scheduler_address_for(h)
+        payloads = {}
+        for n in self.proc_names:
+            p = cluster.launch_payload(n)
+            p.scheduler_address = scheduler_address
+            payloads[n] = encode(p)
+        procs = []
+        for n in self.proc_names:
+            self.log_paths[n] = f"{log_dir}/{n}.log"
+            procs.append({"name": n, "log": self.log_paths[n],
+                          "argv": [h.runtime.python, "-m", "dask_lithops.worker",
+                                   "--payload-file", f"{run_dir}/{n}.payload"]})
+
+        def go():
+            ensure_private_dirs(h.conn, run_dir, log_dir)
+            for n, data in payloads.items():
+                h.conn.put(data, f"{run_dir}/{n}.payload", mode=0o600)
+            return start_processes(h.conn, h.runtime, procs, cwd=rd,
+                                   timeout=cluster.worker_start_timeout)
+
+        result = await run_in_ssh_thread(go)
+        self.pids = result["pids"]
+        if result["errors"]:
+            await self.stop()
+            detail = "; ".join(f"{n}: {e.get('type')}: {e.get('message', '')[-1500:]}"
+                               for n, e in result["errors"].items())
+            raise WorkerLaunchError(f"{h.conn}: worker group {self.name} failed to start: "
+                                    f"{detail}")
+        ready = list(result["ready"].values())
+        self.address = ready[0]["address"] if ready else None
+        logger.info("%s: started %d workers (pids %s)", h.conn, len(self.pids), self.pids)
+
+    async def stop(self) -> None:
+        h = self._state
+        if h is None or not self.pids:
+            return
+        pids, self.pids = self.pids, []
+        grace = self.cluster_ref().stop_grace if self.cluster_ref() else 10.0
+        try:
+            remaining = await run_in_ssh_thread(self._stop_on_host, h, pids, grace)
+        except (SSHError, OSError, EOFError) as e:
+            logger.warning("%s: could not stop worker group %s (pids %s): host unreachable: "
+                           "%s", h.conn, self.name, pids, e)
+            return
+        if remaining:
+            raise WorkerLaunchError(f"{h.conn}: processes {remaining} of worker group "
+                                    f"{self.name} survived SIGKILL")
+
+    def _stop_on_host(self, h: HostState, pids: list[int], grace: float) -> list[int]:
+        conn = h.conn
+        if not conn.is_active():
+            cluster = self.cluster_ref()
+            conn = h.conn = cluster._reconnect(h) if cluster else conn
+        return stop_processes(conn, h.runtime, pids, self.marker, grace=grace)
+
+    def fetch_logs(self) -> dict[str, str]:
+        h = self._state
+        if h is None:
+            return {}
+        return {n: read_log(h.conn, p) for n, p in self.log_paths.items()}
+
+
+class RemoteScheduler(ProcessInterface):
+    """A scheduler on the first host; the client reaches it through an SSH tunnel."""
+
+    def __init__(self, cluster: weakref.ref, host: int = 0, **options: Any):
+        super().__init__()
+        self.cluster_ref = cluster
+        self.host_index = host
+        self.options = options
+        self.channel = None
+        self.pid: int | None = None
+        self.worker_address: str | None = None
+        self.tunnels = []
+        self.dashboard_port: int | None = None
+        self.log_path: str | None = None
+
+    async def start(self) -> None:
+        cluster = self.cluster_ref()
+        h = cluster._host_states[self.host_index]
+        rd = h.runtime.remote_dir
+        run_dir = f"{rd}/run/{cluster.cluster_id}"
+        log_dir = f"{rd}/logs/{cluster.cluster_id}"
+        self.log_path = f"{log_dir}/scheduler.log"
+        listen = h.runtime.server_address or h.spec.host
+        payload = {"host": listen, "port": self.options.get("port") or 0,
+                   "protocol": self.options.get("protocol"),
+                   "security": security_to_dict(self.options.get("security")),
+                   "dashboard_address": "127.0.0.1:0" if self.options.get("dashboard") else None,
+                   "config": inherited_config()}
+        pfile = f"{run_dir}/scheduler.payload"
+        cmd = (f"cd {quote(rd)} && PYTHONPATH={quote(h.runtime.env['PYTHONPATH'])} exec "
+               f"{quote(h.runtime.python)} -m dask_lithops.standalone.remote_scheduler "
+               f"--payload-file {quote(pfile)} 2>>{quote(self.log_path)}")
+        timeout = cluster.worker_start_timeout
+
+        def go():
+            ensure_private_dirs(h.conn, run_dir, log_dir)
+            h.conn.put(msgpack_packb(payload), pfile, mode=0o600)
+            chan = h.conn.exec_channel(cmd)
+            buf = b""
+            chan.settimeout(timeout)
+            while b"\n" not in buf or not any(
+                    line.startswith(b"DASK_LITHOPS_SCHEDULER ") for line in buf.splitlines()):
+                data = chan.recv(4096)
+                if not data:
+                    log = read_log(h.conn, self.log_path, 20000)
+                    chan.close()
+                    raise WorkerLaunchError(f"{h.conn}: remote scheduler failed to start:\n"
+                                            f"{log[-3000:]}")
+                buf += data
+            line = next(x for x in buf.splitlines() if x.startswith(b"DASK_LITHOPS_SCHEDULER "))
+            info = json.loads(line.split(b" ", 1)[1])
+            chan.settimeout(None)
+            return chan, info
+
+        self.channel, info = await run_in_ssh_thread(go)
+        self.pid = info["pid"]
+        self.worker_address = info["address"]
+        protocol, rest = info["address"].split("://")
+        rhost, rport = rest.rsplit(":", 1)
+        t = h.conn.forward_local(rhost, int(rport))
+        self.tunnels.append(t)
+        self.address = f"{protocol}://127.0.0.1:{t.local_port}"
+        if info.get("dashboard_port"):
+            d = h.conn.forward_local("127.0.0.1", info["dashboard_port"])
+            self.tunnels.append(d)
+            self.dashboard_port = d.local_port
+        await super().start()
+
+    async def close(self) -> None:
+        cluster = self.cluster_ref()
+        h = cluster._host_states.get(self.host_index) if cluster else None
+
+        def go():
+            if self.channel is not None:
+                self.channel.close()  # stdin EOF: the scheduler shuts down
+            for t in self.tunnels:
+                t.close()
+            if h is not None and self.pid:
+                remaining = stop_processes(h.conn, h.runtime, [self.pid],
+                                           "dask_lithops.standalone.remote_scheduler",
+                                           grace=10)
+                if remaining:
+                    raise WorkerLaunchError(f"{h.conn}: scheduler processes {remaining} survived")
+
+        try:
+            await run_in_ssh_thread(go)
+        except (SSHError, OSError, EOFError) as e:
+            logger.warning("remote scheduler: could not verify its stop: %s", e)
+        await super().close()
+
+
+def msgpack_packb(data) -> bytes:
+    import msgpack
+
+    return msgpack.packb(data, use_bin_type=True)
+
+
+class StandaloneCluster(LithopsCluster):
+    """Dask on machines reachable over SSH (``backend="ssh"``).
+
+    Parameters
+    ----------
+    hosts: list of str
+        ``user@host:port`` entries (``lithops.ssh.hosts``; user defaults to
+        ``lithops.ssh.ssh_username`` or the local user, port to 22).
+    worker_processes: int or "AUTO"
+        Worker processes per host (Lithops' key); ``AUTO`` = the host's cores.
+    threads_per_worker: int
+        Threads per worker process.
+    scheduler: "auto", "local" or "remote"
+        ``local``: in this process (hosts dial the address they see the client
+        at); ``remote``: on the first host, reached through an SSH tunnel;
+        ``auto``: local when every host can reach the client, else remote.
+    n_hosts: int, optional
+        Hosts to start workers on at first (default: all).
+    ssh_key_filename, known_hosts, trust_unknown_hosts, connect_timeout:
+        Authentication and host key checking; unknown host keys are rejected
+        unless ``trust_unknown_hosts=True``.
+    remote_dir: str
+        Directory on the hosts for runtimes, code, payloads and logs (``~/.dask-lithops``).
+    remote_python: str, optional
+        The host's Python (default: ``python3.X`` matching the client, or ``python3``).
+    install_runtime: bool
+        Install the client's exact package versions into a venv where hosts differ.
+    extra_python_packages: list of str
+        More packages for the hosts' runtime venv (Lithops' key).
+    **kwargs:
+        Shared options of :class:`dask_lithops.cluster.LithopsCluster` (security/tls,
+        death_timeout, lifetime, dashboard_address, ...).
+    """
+
+    mode: ClassVar[str] = "standalone"
+    launcher = SSHWorkerGroup
+    name_prefix = "ssh"
+    default_tls = True
+    default_scheduler_host = None
+
+    def __init__(self, backend: str | None = "ssh", hosts: list[str] | None = None,
+                 worker_processes: int | str | None = None, threads_per_worker: int | None = None,
+                 scheduler: str | None = None, n_hosts: int | None = None,
+                 memory_limit: str | int | None = None, nanny: bool | None = None,
+                 ssh_username: str | None = None, ssh_key_filename: str | None = None,
+                 known_hosts: str | None = None, trust_unknown_hosts: bool | None = None,
+                 connect_timeout: float | None = None, remote_dir: str | None = None,
+                 remote_python: str | None = None, install_runtime: bool | None = None,
+                 extra_python_packages: list[str] | None = None,
+                 stop_grace: float | None = None, **kwargs):
+        if backend not in (None, "ssh", "vm"):
+            raise config.ConfigError(f"backend = {backend!r} is invalid for StandaloneCluster "
+                                     "here; allowed: ssh")
+        opts = config.section(
+            "ssh", hosts=hosts, worker_processes=worker_processes,
+            threads_per_worker=threads_per_worker, scheduler=scheduler,
+            memory_limit=memory_limit, nanny=nanny, ssh_username=ssh_username,
+            ssh_key_filename=ssh_key_filename, known_hosts=known_hosts,
+            trust_unknown_hosts=trust_unknown_hosts, connect_timeout=connect_timeout,
+            remote_dir=remote_dir, remote_python=remote_python, install_runtime=install_runtime,
+            extra_python_packages=extra_python_packages, stop_grace=stop_grace)
+        if not opts["hosts"]:
+            raise config.ConfigError("lithops.ssh.hosts is empty; give hosts=['user@host:port', "
+                                     "...] (at least one)")
+        self.host_specs = [HostSpec.parse(h, user=opts["ssh_username"]) for h in opts["hosts"]]
+        if opts["scheduler"] not in SCHEDULER_PLACEMENTS:
+            raise config.ConfigError(f"lithops.ssh.scheduler = {opts['scheduler']!r} is invalid; "
+                                     f"allowed: {', '.join(SCHEDULER_PLACEMENTS)}")
+        wp = opts["worker_processes"]
+        if wp is not None and str(wp).upper() != "AUTO" and (not str(wp).isdigit() or int(wp) < 1):
+            raise config.ConfigError(f"lithops.ssh.worker_processes = {wp!r} is invalid; "
+                                     "allowed: integer >= 1 or AUTO")
+        if n_hosts is not None and not 0 <= n_hosts <= len(self.host_specs):
+            raise config.ConfigError(f"n_hosts = {n_hosts!r} is invalid; allowed: 0.."
+                                     f"{len(self.host_specs)}")
+        self.ssh_options = opts
+        self.scheduler_placement = opts["scheduler"]
+        self.stop_grace = float(opts["stop_grace"])
+        self._initial_hosts = len(self.host_specs) if n_hosts is None else n_hosts
+        self._host_states: dict[int, HostState] = {}
+        self._runtime_spec: RuntimeSpec = client_runtime(opts["extra_python_packages"] or ())
+        kwargs.setdefault("n_workers", 0)
+        super().__init__(threads_per_worker=opts["threads_per_worker"] or 1,
+                         memory_limit=opts["memory_limit"], nanny=opts["nanny"], **kwargs)
+
+    # ------------------------------------------------------------------ start
+    def _connect_kwargs(self) -> dict:
+        o = self.ssh_options
+        return dict(key_filename=o["ssh_key_filename"], known_hosts=o["known_hosts"],
+                    trust_unknown_hosts=bool(o["trust_unknown_hosts"]),
+                    connect_timeout=float(o["connect_timeout"]))
+
+    def _prepare(self, index: int, spec: HostSpec, reach_port: int | None) -> HostState:
+        conn = connect(spec, **self._connect_kwargs())
+        try:
+            o = self.ssh_options
+            rt = prepare_host(conn, self._runtime_spec, remote_dir=o["remote_dir"],
+                              remote_python=o["remote_python"],
+                              install_runtime=bool(o["install_runtime"]), reach_port=reach_port)
+        except BaseException:
+            conn.close()
+            raise
+        return HostState(index, spec, conn, rt, _processes(o["worker_processes"], rt.cpu_count))
+
+    def _reconnect(self, h: HostState) -> SSHConnection:
+        return connect(h.spec, **{**self._connect_kwargs(), "connect_timeout": 5.0})
+
+    async def _prepare_hosts(self) -> None:
+        probe = None
+        reach_port = None
+        if self.scheduler_placement == "auto":
+            probe = socket.socket()
+            probe.bind(("0.0.0.0", 0))
+            probe.listen(64)
+            reach_port = probe.getsockname()[1]
+        try:
+            results = await asyncio.gather(
+                *(run_in_ssh_thread(self._prepare, i, s, reach_port)
+                  for i, s in enumerate(self.host_specs)), return_exceptions=True)
+        finally:
+            if probe is not None:
+                probe.close()
+        errors = {str(s): r for s, r in zip(self.host_specs, results)
+                  if isinstance(r, BaseException)}
+        if errors:
+            for r in results:
+                if isinstance(r, HostState):
+                    r.conn.close()
+            if len(errors) == 1:
+                raise next(iter(errors.values()))
+            raise SSHConnectErrors(errors)
+        self._host_states = {h.index: h for h in results}
+
+    async def _start(self):
+        if self.status in (Status.running, Status.closed):
+            return await super()._start()
+        if not self._host_states:
+            await self._prepare_hosts()
+        placement = self.scheduler_placement
+        if placement == "auto":
+            unreachable = [str(h.conn) for h in self._host_states.values()
+                           if h.runtime.client_reachable is False]
+            placement = "remote" if unreachable else "local"
+            if unreachable:
+                logger.info("hosts %s cannot reach this client: scheduler on %s",
+                            unreachable, self._host_states[0].conn)
+        self.scheduler_placement = placement
+        options = self.scheduler_spec["options"]
+        if placement == "remote":
+            self.scheduler_spec = {"cls": RemoteScheduler, "options": {
+                "cluster": weakref.ref(self), "host": 0, "port": options.get("port"),
+                "protocol": options.get("protocol"), "security": self._security,
+                "dashboard": options.get("dashboard")}}
+        elif not options.get("host"):
+            seen = {h.runtime.client_address for h in self._host_states.values()}
+            options["host"] = seen.pop() if len(seen) == 1 and None not in seen else "0.0.0.0"
+        for i in range(self._initial_hosts):
+            self.worker_spec[self._host_key(i)] = self._host_spec(i)
+        return await super()._start()
+
+    def _host_key(self, i: int) -> str:
+        return f"{self.name_prefix}-{i}"
+
+    def _host_spec(self, i: int) -> dict:
+        h = self._host_states[i]
+        return {"cls": SSHWorkerGroup,
+                "options": {"cluster": weakref.ref(self), "host": i},
+                "group": [f"-{k}" for k in range(h.processes)]}
+
+    def _scheduler_address_for(self, h: HostState) -> str:
+        if isinstance(self.scheduler, RemoteScheduler):
+            return self.scheduler.worker_address
+        if self.contact_host:
+            return self.worker_scheduler_address
+        address = self.scheduler.address
+        protocol, rest = address.split("://")
+        port = rest.rsplit(":", 1)[1]
+        host = h.runtime.client_address or rest.rsplit(":", 1)[0]
+        return f"{protocol}://{host}:{port}"
+
+    # ------------------------------------------------------------------ scaling
+    def new_worker_spec(self):
+        for i in sorted(self._host_states):
+            if self._host_key(i) not in self.worker_spec:
+                return {self._host_key(i): self._host_spec(i)}
+        return {}
+
+    def scale(self, n: int | None = None, hosts: int | None = None, memory=None, cores=None):
+        """Scale to ``hosts`` hosts, or to enough hosts for ``n`` workers (whole hosts)."""
+        if hosts is None:
+            n = n or 0
+            if memory is not None or cores is not None:
+                return super().scale(n, memory=memory, cores=cores)
+            order = [int(k.rsplit("-", 1)[1]) for k in self.worker_spec] + \
+                [i for i in sorted(self._host_states) if self._host_key(i) not in self.worker_spec]
+            total, hosts = 0, 0
+            for i in order:
+                if total >= n:
+                    break
+                total += self._host_states[i].processes
+                hosts += 1
+        hosts = max(0, min(int(hosts), len(self._host_states)))
+        while len(self.worker_spec) > hosts:
+            self.worker_spec.popitem()
+        if self.status not in (Status.closing, Status.closed):
+            while len(self.worker_spec) < hosts:
+                new = self.new_worker_spec()
+                if not new:
+                    break
+                self.worker_spec.update(new)
+        self.loop.add_callback(self._correct_state)
+        if self.asynchronous:
+            from distributed.utils import NoOpAwaitable
+
+            return NoOpAwaitable()
+
+    # ------------------------------------------------------------------ info, logs, close
+    @property
+    def dashboard_link(self):
+        if isinstance(self.scheduler, RemoteScheduler):
+            if not self.scheduler.dashboard_port:
+                return ""
+            from distributed.utils import format_dashboard_link
+
+            return format_dashboard_link("127.0.0.1", self.scheduler.dashboard_port)
+        return super().dashboard_link
+
+    async def _get_logs(self, cluster=True, scheduler=True, workers=True):
+        logs = await super()._get_logs(cluster=cluster, scheduler=scheduler, workers=workers)
+        groups = [w for w in self.workers.values() if isinstance(w, SSHWorkerGroup)]
+        if workers and groups:
+            results = await asyncio.gather(*(run_in_ssh_thread(g.fetch_logs) for g in groups),
+                                           return_exceptions=True)
+            for g, r in zip(groups, results):
+                if isinstance(r, dict):
+                    for name, text in r.items():
+                        logs[f"{name} (host log)"] = text
+        if scheduler and isinstance(self.scheduler, RemoteScheduler):
+            h = self._host_states[0]
+            logs["scheduler (host log)"] = await run_in_ssh_thread(
+                read_log, h.conn, self.scheduler.log_path)
+        return logs
+
+    def remote_processes(self) -> dict[str, list[int]]:
+        """PIDs this cluster started and still tracks, by worker group."""
+        return {name: list(w.pids) for name, w in self.workers.items()
+                if isinstance(w, SSHWorkerGroup)}
+
+    async def _close(self):
+        try:
+            await super()._close()
+        finally:
+            states, self._host_states = list(self._host_states.values()), {}
+            await asyncio.gather(*(run_in_ssh_thread(h.conn.close) for h in states),
+                                 return_exceptions=True)
+
+    def __repr__(self) -> str:
+        hosts = ", ".join(str(s) for s in self.host_specs)
+        return (f"StandaloneCluster({self.name!r}, {self.scheduler_address!r}, hosts=[{hosts}], "
+                f"workers={len(self.scheduler_info.get('workers', {}))}, "
+                f"status={self.status.name})")
+
