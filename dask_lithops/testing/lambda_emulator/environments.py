@@ -265,9 +265,9 @@ def start_process(*, python: str, handler: str, env: dict, task_root: str,
         script = 'ulimit -v "$0" && exec "$@"'
         prefix = ["/bin/sh", "-c", script, str(kb)]
         memory_mode = "rlimit-as"
-    args = prefix + [python, "-s", "-m", "awslambdaric", handler]
-    if netns is not None:
-        args = netns.command(args)
+    # the wrapper runs on the host side: ``ip netns exec`` remounts /sys, hiding cgroupfs
+    inner = [python, "-s", "-m", "awslambdaric", handler]
+    args = prefix + (netns.command(inner) if netns is not None else inner)
     try:
         proc = subprocess.Popen(
             args, env=env, cwd=task_root, stdin=subprocess.DEVNULL,

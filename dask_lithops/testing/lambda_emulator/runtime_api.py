@@ -34,18 +34,18 @@ class _Base(RequestHandler):
 class NextHandler(_Base):
     async def get(self):
         try:
-            inv = await self.env.next_invocation()
+            inv = await self.core.next_invocation(self.env)
         except asyncio.CancelledError:
-            self._status(410, {"errorMessage": "environment is shutting down",
-                               "errorType": "Runtime.Shutdown"})
+            try:
+                self._status(410, {"errorMessage": "environment is shutting down",
+                                   "errorType": "Runtime.Shutdown"})
+            except Exception:
+                pass
             return
         for k, v in self.core.runtime_headers(inv).items():
             self.set_header(k, v)
         self.set_status(200)
         self.finish(inv.payload)
-
-    def on_connection_close(self):
-        self.env.next_abandoned()
 
 
 class ResponseHandler(_Base):
