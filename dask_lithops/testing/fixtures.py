@@ -18,3 +18,6 @@ def ssh_hosts():
         pytest.skip(f"SSH namespace hosts unavailable: {reason}")
     with SSHHosts(3) as hosts:
         yield hosts
+
+
+from .lambda_emulator.fixtures import lambda_emulator  # noqa: E402,F401

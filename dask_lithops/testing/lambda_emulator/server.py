@@ -1016,6 +1016,7 @@ class LambdaEmulator:
         return inv
 
     def _deliver(self, env: Environment, inv: Invocation) -> None:
+        env.state = "busy"
         inv.started = time.monotonic()
         inv.timeout = env.spec.timeout
         inv.deadline_ms = int(time.time() * 1000) + env.spec.timeout * 1000

@@ -1,0 +1,1 @@
+pytest_plugins = ["dask_lithops.testing.fixtures"]
