@@ -29,7 +29,7 @@ from dask_lithops.cluster import LithopsCluster, WorkerLaunchError, WorkerLaunch
 from dask_lithops.payload import encode, security_to_dict
 
 from .bootstrap import ensure_private_dirs, read_log, start_processes, stop_processes
-from .providers.ssh import (HostSpec, SSHConnection, SSHConnectErrors, SSHError, connect,
+from .providers.ssh import (HostSpec, SSHConnection, SSHError, combine_errors, connect,
                             run_in_ssh_thread, quote)
 from .remote_runtime import HostRuntime, RuntimeSpec, client_runtime, prepare_host
 
@@ -164,7 +164,7 @@ class RemoteScheduler(ProcessInterface):
         listen = h.runtime.server_address or h.spec.host
         payload = {"host": listen, "port": self.options.get("port") or 0,
                    "protocol": self.options.get("protocol"),
-                   "security": security_to_dict(self.options.get("security")),
+                   "security": _scheduler_security(self.options.get("security")),
                    "dashboard_address": "127.0.0.1:0" if self.options.get("dashboard") else None,
                    "config": inherited_config()}
         pfile = f"{run_dir}/scheduler.payload"
@@ -230,6 +230,25 @@ class RemoteScheduler(ProcessInterface):
         await super().close()
 
 
+def _scheduler_security(security) -> dict | None:
+    out = security_to_dict(security)
+    if out is None:
+        return None
+    for role in ("scheduler", "worker"):  # a scheduler serves with its own cert, else the worker's
+        cert, key = getattr(security, f"tls_{role}_cert", None), getattr(security, f"tls_{role}_key", None)
+        if cert:
+            out["tls_scheduler_cert"], out["tls_scheduler_key"] = _pem(cert), _pem(key)
+            break
+    return out
+
+
+def _pem(value):
+    if value and not value.lstrip().startswith("-----BEGIN"):
+        with open(value) as f:
+            return f.read()
+    return value
+
+
 def msgpack_packb(data) -> bytes:
     import msgpack
 
@@ -275,6 +294,14 @@ class StandaloneCluster(LithopsCluster):
     name_prefix = "ssh"
     default_tls = True
     default_scheduler_host = None
+
+    # -- provider hook (issue 7): backend="aws_ec2" makes the EC2 subclass ---------------------
+    def __new__(cls, *args, backend: str | None = None, **kwargs):
+        if cls is StandaloneCluster and (backend or config.get("backend")) == "aws_ec2":
+            from .ec2_cluster import EC2Cluster
+
+            return super().__new__(EC2Cluster)
+        return super().__new__(cls)
 
     def __init__(self, backend: str | None = "ssh", hosts: list[str] | None = None,
                  worker_processes: int | str | None = None, threads_per_worker: int | None = None,
@@ -364,9 +391,7 @@ class StandaloneCluster(LithopsCluster):
             for r in results:
                 if isinstance(r, HostState):
                     r.conn.close()
-            if len(errors) == 1:
-                raise next(iter(errors.values()))
-            raise SSHConnectErrors(errors)
+            raise combine_errors(errors)
         self._host_states = {h.index: h for h in results}
 
     async def _start(self):

@@ -19,8 +19,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import fcntl
 import os
+import platform
 import re
+import subprocess
 import sys
 import tarfile
 import uuid
@@ -149,6 +152,39 @@ def code_bundle() -> tuple[str, bytes]:
     return _CODE_CACHE
 
 
+# -- wheels from the client (hosts need no package index) --------------------------------------
+def client_wheelhouse(spec: RuntimeSpec) -> str:
+    """A local directory of wheels for ``spec`` (``pip download``, once per runtime key)."""
+    base = os.environ.get("DASK_LITHOPS_WHEELHOUSE") or os.path.join(
+        os.path.expanduser("~/.cache"), "dask-lithops", "wheelhouse")
+    d = os.path.join(base, spec.key)
+    os.makedirs(base, exist_ok=True)
+    with open(d + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(d, READY_MARKER)):
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
+                                "--no-input", "--progress-bar", "off", "--only-binary", ":all:",
+                                "-d", d, *spec.requirements], capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(f"pip download of the runtime {spec.requirements} failed:\n"
+                                   f"{(r.stderr or r.stdout)[-3000:]}")
+            with open(os.path.join(d, READY_MARKER), "w") as f:
+                json.dump(spec.requirements, f)
+    return d
+
+
+def upload_wheelhouse(conn: SSHConnection, local_dir: str, remote_dir: str) -> str:
+    """Copy the wheels the host lacks into ``remote_dir``; return it."""
+    conn.run(f"mkdir -p {quote(remote_dir)}", timeout=30)
+    present = set(conn.sftp.listdir(remote_dir))
+    for fn in sorted(os.listdir(local_dir)):
+        if fn.endswith(".whl") and fn not in present:
+            tmp = f"{remote_dir}/.{fn}.{uuid.uuid4().hex[:6]}"
+            conn.sftp.put(os.path.join(local_dir, fn), tmp)
+            conn.sftp.posix_rename(tmp, f"{remote_dir}/{fn}")
+    return remote_dir
+
+
 # -- remote snippets ---------------------------------------------------------------------------
 PROBE = r"""
 import json, os, sys
@@ -171,8 +207,9 @@ if a.get("reach_port") and conn:
         reachable = True
     except OSError:
         reachable = False
+import platform
 print(json.dumps({
-    "client_reachable": reachable,
+    "client_reachable": reachable, "machine": platform.machine(), "system": platform.system(),
     "python": sys.executable, "version": "%d.%d.%d" % sys.version_info[:3],
     "packages": {n: v(n) for n in a["packages"]},
     "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -220,8 +257,9 @@ with open(d + ".lock", "w") as lock:
                     sys.exit(r.returncode)
             step([sys.executable, "-m", "venv", d])
             py = os.path.join(d, "bin", "python")
+            source = ["--no-index", "--find-links", a["wheels"]] if a.get("wheels") else []
             step([py, "-m", "pip", "install", "--disable-pip-version-check",
-                  "--no-input", "--progress-bar", "off", *a["requirements"]])
+                  "--no-input", "--progress-bar", "off", *source, *a["requirements"]])
         with open(ready, "w") as f:
             json.dump({"requirements": a["requirements"]}, f)
 print(os.path.join(d, "bin", "python"))
@@ -261,7 +299,8 @@ class HostRuntime:
 
 def prepare_host(conn: SSHConnection, spec: RuntimeSpec, remote_dir: str = "~/.dask-lithops",
                  remote_python: str | None = None, install_runtime: bool = True,
-                 install_timeout: float = 900.0, reach_port: int | None = None) -> HostRuntime:
+                 install_timeout: float = 900.0, reach_port: int | None = None,
+                 upload_wheels: bool = True) -> HostRuntime:
     """Probe ``conn``'s host; make a runtime matching ``spec`` there (blocking)."""
     code_hash, tarball = code_bundle()
     probe_arg = {"remote_dir": remote_dir, "key": spec.key, "marker": READY_MARKER,
@@ -299,6 +338,10 @@ def prepare_host(conn: SSHConnection, spec: RuntimeSpec, remote_dir: str = "~/.d
         else:
             build_arg = {"dir": f"{rd}/runtimes/{spec.key}", "marker": READY_MARKER,
                          "requirements": spec.requirements}
+            if upload_wheels and probe.get("system") == platform.system() and \
+                    probe.get("machine") == platform.machine():
+                build_arg["wheels"] = upload_wheelhouse(conn, client_wheelhouse(spec),
+                                                        f"{rd}/wheels")
             r = conn.run(python_command([probe["python"]], BUILD_VENV, build_arg),
                          timeout=install_timeout, check=False)
             if r.returncode != 0:

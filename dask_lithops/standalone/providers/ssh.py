@@ -75,7 +75,23 @@ class SSHConnectErrors(SSHError):
     def __init__(self, errors: dict[str, SSHError]):
         self.errors = errors
         lines = "\n  ".join(str(e) for e in errors.values())
-        super().__init__(", ".join(errors), f"{len(errors)} hosts failed to connect:\n  {lines}")
+        super().__init__(", ".join(errors), f"{len(errors)} hosts failed:\n  {lines}")
+
+
+def combine_errors(errors: dict[str, BaseException]) -> BaseException:
+    """One exception for failures on several hosts; of their class when they share one."""
+    if len(errors) == 1:
+        return next(iter(errors.values()))
+    kinds = {type(e) for e in errors.values()}
+    if len(kinds) == 1:
+        kind = kinds.pop()
+        if issubclass(kind, SSHError) and kind is not SSHCommandError:
+            err = kind.__new__(kind)
+            lines = "\n  ".join(str(e) for e in errors.values())
+            SSHError.__init__(err, ", ".join(errors), f"{len(errors)} hosts failed:\n  {lines}")
+            err.errors = errors
+            return err
+    return SSHConnectErrors(errors)
 
 
 # -- host entries ------------------------------------------------------------------------------
@@ -354,9 +370,7 @@ async def connect_all(hosts, **kwargs) -> list[SSHConnection]:
         for r in results:
             if isinstance(r, SSHConnection):
                 r.close()
-        if len(errors) == 1:
-            raise next(iter(errors.values()))
-        raise SSHConnectErrors(errors)
+        raise combine_errors(errors)
     return results
 
 
