@@ -36,6 +36,7 @@ import os
 import socket
 import time
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
@@ -285,8 +286,6 @@ class EC2Provider:
                 s.connect((u.hostname, u.port or 80))
                 ip = s.getsockname()[0]
         else:
-            import urllib.request
-
             ip = urllib.request.urlopen("https://checkip.amazonaws.com",
                                         timeout=10).read().decode().strip()
         self._client_cidr = str(ipaddress.ip_network(f"{ip}/32"))
