@@ -377,7 +377,7 @@ def sandbox_cluster(world, *, relay: bool = True, tls: bool = False, nanny=(1,),
     relay_proc = RelayProcess(gw, 0, TOKEN, tmp).start() if relay else None
     procs: list[subprocess.Popen] = []
     try:
-        with LocalCluster(n_workers=0, host=gw, scheduler_port=0, dashboard_address=None,
+        with LocalCluster(n_workers=0, host=gw, scheduler_port=0, dashboard_address=":0",
                           security=sec, protocol="tls://" if tls else "tcp://") as cluster, \
                 Client(cluster, security=sec) as client:
             env = dict(os.environ, **{TOKEN_ENV: worker_token},
@@ -416,8 +416,8 @@ def _worker_log(client, i):
 
 
 def _by_worker(client):
-    ws = sorted(client.scheduler_info()["workers"].values(), key=lambda w: w["name"])
-    return [w["id"] for w in ws]
+    ws = client.scheduler_info()["workers"]
+    return sorted(ws, key=lambda a: ws[a]["name"])
 
 
 @netns
@@ -450,8 +450,8 @@ def _graphs(client):
     pd.testing.assert_series_equal(got.sort_index(), pdf.groupby("k").v.sum(),
                                    check_names=False)
 
-    arr = rng.random((1200, 1200))
-    x = da.from_array(arr, chunks=(1200, 100))
+    x = da.random.default_rng(7).random((1200, 1200), chunks=(1200, 100))
+    arr = x.compute(scheduler="sync")  # the same random numbers, computed locally
     got = (x.rechunk((100, 1200)).T + x).sum(axis=0).compute()
     np.testing.assert_allclose(got, (arr.T + arr).sum(axis=0))
 

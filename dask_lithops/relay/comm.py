@@ -297,6 +297,7 @@ class RelayListener(BaseListener):
                 self._writer = writer
                 self.registrations += 1
                 heartbeat = float(reply.get("heartbeat", 5.0))
+                silence = max(float(reply.get("timeout", 60.0)), 3 * heartbeat)
                 if first.done():
                     logger.info("re-registered %s with the relay", a.url)
                 else:
@@ -306,7 +307,7 @@ class RelayListener(BaseListener):
                 pinger = asyncio.create_task(self._ping(writer, heartbeat))
                 try:
                     while True:
-                        msg = await asyncio.wait_for(_read_frame(reader), 3 * heartbeat)
+                        msg = await asyncio.wait_for(_read_frame(reader), silence)
                         if msg.get("op") == "dial" and isinstance(msg.get("conn"), str):
                             self._spawn(self._dial_back(msg["conn"], msg.get("peer")))
                 finally:

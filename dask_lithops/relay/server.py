@@ -202,8 +202,11 @@ class RelayServer:
         admitted (workers registering, anyone connecting, workers dialling
         back).  It is never logged.
     heartbeat
-        Seconds between a worker's control-connection pings; a control
-        connection silent for three heartbeats is dropped.
+        Seconds between a worker's control-connection pings.
+    control_timeout
+        A control connection silent this long (at least three heartbeats) is
+        dropped.  Generous on purpose: a busy worker's event loop can stall for
+        seconds, and TCP keepalive already catches vanished hosts.
     dial_timeout
         Seconds to wait for a worker to dial back before refusing the caller.
     high_water, low_water, chunk_size
@@ -211,7 +214,8 @@ class RelayServer:
     """
 
     def __init__(self, host: str = "0.0.0.0", port: int = 0, token: str | None = None, *,
-                 heartbeat: float = 5.0, dial_timeout: float = 10.0,
+                 heartbeat: float = 5.0, control_timeout: float = 60.0,
+                 dial_timeout: float = 10.0,
                  hello_timeout: float = 10.0, high_water: int = 256 * 1024,
                  low_water: int = 64 * 1024, chunk_size: int = 256 * 1024,
                  backlog: int = 4096):
@@ -221,6 +225,7 @@ class RelayServer:
         self.port = port
         self._token = token
         self.heartbeat = heartbeat
+        self.control_timeout = max(control_timeout, 3 * heartbeat)
         self.dial_timeout = dial_timeout
         self.hello_timeout = hello_timeout
         self.high_water = high_water
@@ -355,7 +360,7 @@ class RelayServer:
         self._workers[wid] = conn
         conn.state = _CONTROL
         conn.worker_id = wid
-        conn.send({"ok": True, "heartbeat": self.heartbeat})
+        conn.send({"ok": True, "heartbeat": self.heartbeat, "timeout": self.control_timeout})
         logger.info("relay: worker %r registered from %s", wid, conn.peername)
         conn.transport.resume_reading()
         if conn.inbuf:
@@ -435,7 +440,12 @@ class RelayServer:
     async def _reap_silent_controls(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat)
-            limit = time.monotonic() - 3 * self.heartbeat
+            if not any(c.last_seen < time.monotonic() - self.control_timeout
+                       for c in self._workers.values()):
+                continue
+            # Our own loop may have been the one stalled: let pending reads run first.
+            await asyncio.sleep(0)
+            limit = time.monotonic() - self.control_timeout
             for wid, conn in list(self._workers.items()):
                 if conn.last_seen < limit:
                     logger.warning("relay: worker %r silent for %.0fs; dropping its control "
