@@ -230,6 +230,13 @@ class RemoteScheduler(ProcessInterface):
         await super().close()
 
 
+def _import_dashboard() -> None:
+    try:
+        import distributed.dashboard.scheduler  # noqa: F401
+    except ImportError:
+        pass
+
+
 def _scheduler_security(security) -> dict | None:
     out = security_to_dict(security)
     if out is None:
@@ -398,7 +405,11 @@ class StandaloneCluster(LithopsCluster):
         if self.status in (Status.running, Status.closed):
             return await super()._start()
         if not self._host_states:
-            await self._prepare_hosts()
+            # the in-process scheduler's dashboard import (bokeh) takes seconds: overlap it
+            # with connecting to and probing the hosts instead of blocking the loop later
+            warm = [run_in_ssh_thread(_import_dashboard)] \
+                if self.scheduler_spec["options"].get("dashboard") else []
+            await asyncio.gather(self._prepare_hosts(), *warm)
         placement = self.scheduler_placement
         if placement == "auto":
             unreachable = [str(h.conn) for h in self._host_states.values()
