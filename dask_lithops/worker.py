@@ -74,6 +74,9 @@ def _server_kwargs(payload: LaunchPayload) -> dict[str, Any]:
         from dask_lithops.relay import worker_addresses
 
         kwargs.update(worker_addresses(payload.relay["address"], payload.relay["worker_id"]))
+        # The worker's HTTP server (metrics) would bind the relay's host, which is not
+        # an address of this machine outside localhost: keep it on loopback.
+        kwargs.setdefault("dashboard_address", "127.0.0.1:0")
     elif payload.listen_address:
         kwargs["listen_address"] = payload.listen_address
     return {k: v for k, v in kwargs.items() if v is not None}

@@ -1,0 +1,1 @@
+"""FaaS backends (see base.FaaSBackend)."""

@@ -1,0 +1,346 @@
+"""AWS Lambda backend (boto3); also talks to the offline emulator through ``endpoint_url``.
+
+Config keys are Lithops' ``aws_lambda`` (and ``aws``) keys: ``region``,
+``execution_role``, ``runtime_memory``, ``runtime_timeout``,
+``ephemeral_storage``, ``architecture``, ``vpc``, ``env_vars``, ``user_tags``,
+``max_workers``, ``invoke_pool_threads`` plus ``endpoint_url``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from dask_lithops import config as _config
+from dask_lithops.serverless.backends.base import (
+    FUNCTION_PREFIX,
+    BackendError,
+    FaaSBackend,
+    FunctionError,
+    RuntimeInfo,
+    ThrottledError,
+)
+
+logger = logging.getLogger(__name__)
+
+EMULATOR_ROLE = "arn:aws:iam::123456789012:role/dask-lithops-emulator"
+_THROTTLE_CODES = {"TooManyRequestsException", "ThrottlingException", "EC2ThrottledException",
+                   "SlowDown", "RequestLimitExceeded"}
+
+
+def resolve_config(**overrides) -> dict:
+    """The ``aws_lambda`` section merged with ``aws`` (credentials, region), validated."""
+    aws = _config.section("aws", **{k: overrides.pop(k) for k in
+                                    ("access_key_id", "secret_access_key", "session_token")
+                                    if k in overrides})
+    cfg = _config.section("aws_lambda", **overrides)
+    cfg["region"] = cfg.get("region") or aws.get("region")
+    for k in ("access_key_id", "secret_access_key", "session_token"):
+        cfg[k] = aws.get(k)
+    return cfg
+
+
+class AWSLambdaBackend(FaaSBackend):
+    name = "aws_lambda"
+    max_event_payload = 1024 * 1024  # Event invocations (raised from 256 KB in 2025)
+    memory_range = (128, 10240)
+    max_timeout = 900
+    # us-east-1 public prices
+    PRICES = {"x86_64": 0.0000166667, "arm64": 0.0000133334}
+    price_per_request = 0.20 / 1_000_000
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__(config)
+        self.validate()
+        self.endpoint_url = config.get("endpoint_url")
+        self.region = config["region"] or "us-east-1"
+        self.role = config.get("execution_role") or EMULATOR_ROLE
+        self.price_per_gb_second = self.PRICES[config["architecture"]]
+        self._client = None
+        self._sync_client = None
+
+    # ------------------------------------------------------------------ config
+
+    def validate(self) -> None:
+        c = self.config
+        lo, hi = self.memory_range
+        mem = c.get("runtime_memory")
+        if not isinstance(mem, int) or not lo <= mem <= hi:
+            raise _config.ConfigError(
+                f"lithops.aws_lambda.runtime_memory = {mem!r} is invalid; allowed: integer "
+                f"MB between {lo} and {hi}")
+        t = c.get("runtime_timeout")
+        if not isinstance(t, int) or not 1 <= t <= self.max_timeout:
+            raise _config.ConfigError(
+                f"lithops.aws_lambda.runtime_timeout = {t!r} is invalid; allowed: integer "
+                f"seconds between 1 and {self.max_timeout}")
+        eph = c.get("ephemeral_storage")
+        if not isinstance(eph, int) or not 512 <= eph <= 10240:
+            raise _config.ConfigError(
+                f"lithops.aws_lambda.ephemeral_storage = {eph!r} is invalid; allowed: integer "
+                "MB between 512 and 10240")
+        if c.get("architecture") not in ("x86_64", "arm64"):
+            raise _config.ConfigError(
+                f"lithops.aws_lambda.architecture = {c.get('architecture')!r} is invalid; "
+                "allowed: 'x86_64', 'arm64'")
+        if not c.get("endpoint_url"):
+            # Real AWS: a region and a role are needed.  Against an emulator
+            # (endpoint_url) both default (us-east-1, a placeholder role).
+            if not c.get("region"):
+                raise _config.ConfigError(
+                    "lithops.aws_lambda.region (or lithops.aws.region) is required for AWS "
+                    "Lambda, e.g. 'us-east-1'")
+            if not c.get("execution_role"):
+                raise _config.ConfigError(
+                    "lithops.aws_lambda.execution_role is required for AWS Lambda: the ARN of "
+                    "an IAM role the functions run as (e.g. "
+                    "arn:aws:iam::<account>:role/dask-lithops)")
+        for k in ("max_workers", "invoke_pool_threads"):
+            v = c.get(k)
+            if not isinstance(v, int) or v < 1:
+                raise _config.ConfigError(
+                    f"lithops.aws_lambda.{k} = {v!r} is invalid; allowed: integer >= 1")
+
+    # ------------------------------------------------------------------ clients
+
+    def _make_client(self, read_timeout: float):
+        import boto3
+        from botocore.config import Config
+
+        kwargs: dict[str, Any] = {"region_name": self.region}
+        if self.endpoint_url:
+            kwargs["endpoint_url"] = self.endpoint_url
+        if self.config.get("access_key_id"):
+            kwargs.update(aws_access_key_id=self.config["access_key_id"],
+                          aws_secret_access_key=self.config.get("secret_access_key"),
+                          aws_session_token=self.config.get("session_token"))
+        elif self.endpoint_url:
+            session = boto3.session.Session()
+            if session.get_credentials() is None:
+                kwargs.update(aws_access_key_id="testing", aws_secret_access_key="testing")
+        pool = max(10, int(self.config.get("invoke_pool_threads") or 10))
+        cfg = Config(max_pool_connections=pool, read_timeout=read_timeout, connect_timeout=10,
+                     retries={"total_max_attempts": 1}, tcp_keepalive=True)
+        return boto3.client("lambda", config=cfg, **kwargs)
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = self._make_client(60)
+        return self._client
+
+    @property
+    def sync_client(self):
+        if self._sync_client is None:
+            self._sync_client = self._make_client(self.max_timeout + 10)
+        return self._sync_client
+
+    def _call(self, what: str, fn, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        retries = int(self.config.get("invoke_retries", 8))
+        for attempt in range(retries + 1):
+            try:
+                return fn(**kwargs)
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code", "")
+                if code in _THROTTLE_CODES and attempt < retries:
+                    delay = min(5.0, 0.1 * 2 ** attempt) * (0.5 + random.random())
+                    logger.debug("%s throttled (%s); retrying in %.2fs", what, code, delay)
+                    time.sleep(delay)
+                    continue
+                if code in _THROTTLE_CODES:
+                    raise ThrottledError(
+                        f"Lambda {what} still throttled ({code}) after {retries} retries: "
+                        f"{e}. Raise the function's or account's concurrency limit, or lower "
+                        "max_workers") from e
+                raise BackendError(f"Lambda {what} failed: {e}") from e
+            except BotoCoreError as e:
+                raise BackendError(f"Lambda {what} failed: {e}") from e
+
+    # ------------------------------------------------------------------ runtimes
+
+    def deploy_runtime(self, package, memory: int, timeout: int) -> RuntimeInfo:
+        from botocore.exceptions import ClientError
+
+        name = self.get_runtime_key(package.name, memory, package.version)
+        layers = [self._publish_layer(package, i, Path(p))
+                  for i, p in enumerate(package.layer_zips)]
+        env = {str(k): str(v) for k, v in (self.config.get("env_vars") or {}).items()}
+        env["DASK_LITHOPS_RUNTIME"] = f"{package.name}:{package.version}"
+        tags = {FUNCTION_PREFIX: "true", "dask-lithops-runtime": package.name,
+                "dask-lithops-version": package.version,
+                **{str(k): str(v) for k, v in (self.config.get("user_tags") or {}).items()}}
+        args: dict[str, Any] = dict(
+            FunctionName=name, Runtime=package.lambda_runtime, Role=self.role,
+            Handler=package.handler, Code={"ZipFile": Path(package.function_zip).read_bytes()},
+            Description=f"dask-lithops runtime {package.name} {package.version}"[:256],
+            Timeout=int(timeout), MemorySize=int(memory), Publish=False,
+            Environment={"Variables": env}, Tags=tags,
+            Architectures=[self.config["architecture"]],
+            EphemeralStorage={"Size": int(self.config["ephemeral_storage"])},
+        )
+        if layers:
+            args["Layers"] = layers
+        vpc = self.config.get("vpc") or {}
+        if vpc.get("subnets"):
+            args["VpcConfig"] = {"SubnetIds": list(vpc["subnets"]),
+                                 "SecurityGroupIds": list(vpc.get("security_groups") or [])}
+        logger.info("deploying Lambda function %s (%d MB zip, %d layers)", name,
+                    Path(package.function_zip).stat().st_size // 2**20, len(layers))
+        try:
+            self.client.create_function(**args)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") != "ResourceConflictException":
+                raise BackendError(f"Lambda CreateFunction {name} failed: {e}") from e
+        self._wait_active(name)
+        try:  # a failed worker invocation must never be retried (it would duplicate a worker)
+            self.client.put_function_event_invoke_config(
+                FunctionName=name, MaximumRetryAttempts=0)
+        except ClientError as e:
+            logger.warning("could not disable event retries of %s: %s", name, e)
+        info = self.get_runtime_info(name)
+        assert info is not None
+        return info
+
+    def _publish_layer(self, package, index: int, path: Path) -> str:
+        layer = f"{FUNCTION_PREFIX}-{package.version}-{index + 1}"
+        import hashlib
+
+        digest = base64.b64encode(hashlib.sha256(path.read_bytes()).digest()).decode()
+        existing = self.client.list_layer_versions(LayerName=layer).get("LayerVersions", [])
+        for lv in existing:
+            if lv.get("Description", "").endswith(digest[:16]):
+                return lv["LayerVersionArn"]
+        out = self._call("PublishLayerVersion", self.client.publish_layer_version,
+                         LayerName=layer, Content={"ZipFile": path.read_bytes()},
+                         Description=f"dask-lithops {package.name} {digest[:16]}",
+                         CompatibleRuntimes=[package.lambda_runtime],
+                         CompatibleArchitectures=[package.architecture])
+        return out["LayerVersionArn"]
+
+    def _wait_active(self, name: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            cfg = self._call("GetFunctionConfiguration", self.client.get_function_configuration,
+                             FunctionName=name)
+            state, update = cfg.get("State"), cfg.get("LastUpdateStatus")
+            if state == "Active" and update in (None, "Successful"):
+                return
+            if state == "Failed" or update == "Failed":
+                raise BackendError(f"Lambda function {name} failed to deploy: "
+                                   f"{cfg.get('StateReason') or cfg.get('LastUpdateStatusReason')}")
+            if time.monotonic() > deadline:
+                raise BackendError(f"Lambda function {name} not Active after {timeout:.0f}s "
+                                   f"(State={state}, LastUpdateStatus={update})")
+            time.sleep(0.2)
+
+    def get_runtime_info(self, function_name: str) -> RuntimeInfo | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            cfg = self.client.get_function_configuration(FunctionName=function_name)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") == "ResourceNotFoundException":
+                return None
+            raise BackendError(f"Lambda GetFunctionConfiguration {function_name}: {e}") from e
+        return self._info(cfg)
+
+    def _info(self, cfg: dict) -> RuntimeInfo | None:
+        parsed = self.parse_runtime_key(cfg["FunctionName"])
+        if parsed is None:
+            return None
+        runtime, version, memory = parsed
+        return RuntimeInfo(function_name=cfg["FunctionName"], runtime_name=runtime,
+                           version=version, memory=cfg.get("MemorySize", memory),
+                           timeout=cfg.get("Timeout"),
+                           architecture=(cfg.get("Architectures") or [None])[0],
+                           state=cfg.get("State"),
+                           extra={"layers": [lyr["Arn"] for lyr in cfg.get("Layers", [])],
+                                  "code_size": cfg.get("CodeSize")})
+
+    def list_runtimes(self, runtime_name: str | None = None) -> list[RuntimeInfo]:
+        out = []
+        for page in self.client.get_paginator("list_functions").paginate():
+            for cfg in page.get("Functions", []):
+                info = self._info(cfg)
+                if info and (runtime_name is None or info.runtime_name == runtime_name):
+                    out.append(info)
+        return sorted(out, key=lambda i: i.function_name)
+
+    def delete_runtime(self, function_name: str) -> None:
+        from botocore.exceptions import ClientError
+
+        if self.parse_runtime_key(function_name) is None:
+            raise BackendError(f"{function_name!r} is not a dask-lithops function")
+        info = self.get_runtime_info(function_name)
+        try:
+            self.client.delete_function(FunctionName=function_name)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
+                raise BackendError(f"Lambda DeleteFunction {function_name}: {e}") from e
+        if info:
+            self._delete_unused_layers(set(info.extra.get("layers", [])))
+
+    def _delete_unused_layers(self, candidates: set[str] | None = None) -> list[str]:
+        used = {arn for r in self.list_runtimes() for arn in r.extra.get("layers", [])}
+        deleted = []
+        for layer in self.client.list_layers().get("Layers", []):
+            name = layer["LayerName"]
+            if not name.startswith(FUNCTION_PREFIX + "-"):
+                continue
+            for lv in self.client.list_layer_versions(LayerName=name).get("LayerVersions", []):
+                arn = lv["LayerVersionArn"]
+                if arn in used or (candidates is not None and arn not in candidates):
+                    continue
+                self.client.delete_layer_version(LayerName=name, VersionNumber=lv["Version"])
+                deleted.append(arn)
+        return deleted
+
+    def clean(self) -> list[str]:
+        deleted = []
+        for info in self.list_runtimes():
+            self.client.delete_function(FunctionName=info.function_name)
+            deleted.append(info.function_name)
+        deleted += self._delete_unused_layers()
+        return deleted
+
+    # ------------------------------------------------------------------ invoke
+
+    def invoke(self, function_name: str, event: dict) -> str:
+        body = json.dumps(event, separators=(",", ":")).encode()
+        out = self._call("Invoke", self.client.invoke, FunctionName=function_name,
+                         InvocationType="Event", Payload=body)
+        return out.get("ResponseMetadata", {}).get("RequestId", "")
+
+    def invoke_sync(self, function_name: str, event: dict) -> dict:
+        out = self._call("Invoke", self.sync_client.invoke, FunctionName=function_name,
+                         InvocationType="RequestResponse", Payload=json.dumps(event).encode())
+        raw = out["Payload"].read()
+        try:
+            result = json.loads(raw or b"null")
+        except ValueError:
+            result = {"raw": raw.decode(errors="replace")}
+        if out.get("FunctionError"):
+            msg = result.get("errorMessage") if isinstance(result, dict) else result
+            etype = result.get("errorType") if isinstance(result, dict) else ""
+            raise FunctionError(f"function {function_name} failed: {etype}: {msg}")
+        return result
+
+    def default_contact_address(self) -> str | None:
+        """The emulator tells where its sandboxes reach this host (``/_emulator/status``)."""
+        if not self.endpoint_url:
+            return None
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.endpoint_url.rstrip("/") + "/_emulator/status",
+                                        timeout=5) as r:
+                return json.loads(r.read()).get("host_address")
+        except Exception:
+            return None

@@ -1,0 +1,475 @@
+"""ServerlessCluster: Dask workers as FaaS function invocations (AWS Lambda first).
+
+Each worker is one asynchronous (``Event``) invocation of a function running
+the shared entry point without a nanny.  Workers dial out to the scheduler and
+sit behind the relay (functions accept no inbound connection), with TLS on by
+default.  A worker retires before its function's deadline; the cluster starts
+its replacement first, so computations may run far longer than one function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import time
+import uuid
+from typing import Any, ClassVar
+
+from dask.utils import parse_timedelta
+from distributed.core import Status
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from dask_lithops import config
+from dask_lithops.cluster import LithopsCluster, WorkerLaunchError, WorkerLauncher
+from dask_lithops.payload import (
+    LaunchPayload,
+    RuntimeMismatch,
+    describe_mismatch,
+    encode_b64,
+    runtime_key,
+    runtime_mismatch,
+)
+from dask_lithops.serverless.handler import EXIT_REPORT_OP
+from dask_lithops.serverless.usage import UsageTracker
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = {"aws_lambda": "dask_lithops.serverless.backends.aws_lambda.AWSLambdaBackend"}
+MB_PER_VCPU = 1769  # Lambda: one vCPU per 1769 MB, up to 6 at 10240 MB
+_STOP_WAIT = 15.0
+
+
+class PayloadTooLarge(config.ConfigError):
+    """The launch payload does not fit in an asynchronous invocation."""
+
+
+def backend_class(name: str):
+    if name not in BACKENDS:
+        raise config.ConfigError(f"lithops.backend = {name!r} is invalid for serverless mode; "
+                                 f"allowed: {', '.join(BACKENDS)}")
+    from distributed.utils import import_term
+
+    return import_term(BACKENDS[name])
+
+
+def threads_for_memory(memory_mb: int) -> int:
+    return max(1, min(6, round(memory_mb / MB_PER_VCPU)))
+
+
+class LambdaWorker(WorkerLauncher):
+    """One worker = one Event invocation of the runtime's function."""
+
+    invoked_at: float | None = None
+    request_id: str | None = None
+
+    async def launch(self, payload: LaunchPayload) -> None:
+        cluster = self.cluster
+        event = cluster.worker_event(payload)
+        self.invoked_at = time.monotonic()
+        cluster.usage_tracker.invoked(self.name, cluster.memory)
+        try:
+            self.request_id = await cluster.invoke(event)
+        except Exception as e:
+            cluster.usage_tracker.records.pop(self.name, None)
+            raise WorkerLaunchError(f"worker {self.name}: invocation failed: {e}") from e
+        cluster.usage_tracker.records[self.name].request_id = self.request_id
+
+    async def stop(self) -> None:
+        await self.cluster.stop_worker(self.name)
+
+
+class _Tracker(SchedulerPlugin):
+    """Tells the cluster when a worker joins or leaves (the in-process scheduler)."""
+
+    name = "dask-lithops-serverless"
+
+    def __init__(self, cluster: ServerlessCluster):
+        self.cluster = cluster
+
+    def add_worker(self, scheduler, worker: str) -> None:
+        ws = scheduler.workers.get(worker)
+        if ws is not None:
+            self.cluster._on_worker_added(str(ws.name), worker)
+
+    def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
+        for name, addr in list(self.cluster._addresses.items()):
+            if addr == worker:
+                self.cluster._on_worker_removed(name)
+
+
+class ServerlessCluster(LithopsCluster):
+    """A Dask cluster whose workers are FaaS function invocations.
+
+    Parameters
+    ----------
+    backend: str
+        ``"aws_lambda"`` (``lithops.backend``).
+    n_workers: int
+        Workers to start with (``lithops.serverless.n_workers``, default 0).
+    runtime: str
+        Runtime name (``lithops.aws_lambda.runtime``, default ``"default"``).
+    runtime_memory, runtime_timeout, ephemeral_storage, architecture, execution_role,
+    region, vpc, env_vars, user_tags, max_workers, invoke_pool_threads, endpoint_url,
+    extra_packages, requirements_file:
+        ``lithops.aws_lambda.*`` (Lithops' key names).  ``endpoint_url`` points
+        boto3 at another Lambda API (the offline emulator).
+    contact_address: str
+        The host workers dial (the scheduler and the relay listen on
+        ``0.0.0.0``).  Required on AWS: a public or VPC address of this host.
+        With the emulator it defaults to the host as its sandboxes see it.
+    threads_per_worker: int
+        Default: from the memory, as Lambda gives vCPUs (1 per 1769 MB).
+    lifetime_margin, replacement_lead:
+        Workers retire ``lifetime_margin`` before the function timeout (default
+        ``min(60s, 25%)``); their replacement is invoked ``replacement_lead``
+        before that.
+    usage_report: bool
+        Log the GB-seconds report on close.
+    **kwargs:
+        Shared options of :class:`dask_lithops.cluster.LithopsCluster`.
+
+    Examples
+    --------
+    >>> from distributed import Client
+    >>> cluster = ServerlessCluster(backend="aws_lambda", runtime_memory=2048,
+    ...                             contact_address="203.0.113.10")  # doctest: +SKIP
+    >>> cluster.scale(8)                                               # doctest: +SKIP
+    >>> client = Client(cluster)                                       # doctest: +SKIP
+    """
+
+    mode: ClassVar[str] = "serverless"
+    launcher = LambdaWorker
+    name_prefix = "lambda"
+    default_tls = True
+    default_scheduler_host = "0.0.0.0"
+
+    def __init__(self, n_workers: int | None = None, *, backend: str | None = None,
+                 runtime: str | None = None, runtime_memory: int | None = None,
+                 runtime_timeout: int | None = None, ephemeral_storage: int | None = None,
+                 architecture: str | None = None, execution_role: str | None = None,
+                 region: str | None = None, vpc: dict | None = None,
+                 env_vars: dict | None = None, user_tags: dict | None = None,
+                 max_workers: int | None = None, invoke_pool_threads: int | None = None,
+                 endpoint_url: str | None = None, extra_packages: list | None = None,
+                 requirements_file: str | None = None, threads_per_worker: int | None = None,
+                 lifetime_margin=None, replacement_lead=None, usage_report: bool | None = None,
+                 contact_address: str | None = None, **kwargs):
+        if kwargs.pop("relay", True) is False:
+            raise config.ConfigError("relay=False is not possible in serverless mode: functions "
+                                     "accept no inbound connection")
+        if kwargs.pop("nanny", False):
+            raise config.ConfigError("nanny=True is not possible in serverless mode (no "
+                                     "/dev/shm in Lambda)")
+        backend = config.get("backend", backend) or "aws_lambda"
+        cls = backend_class(backend)
+        sopts = config.section("serverless", n_workers=n_workers,
+                               threads_per_worker=threads_per_worker,
+                               lifetime_margin=lifetime_margin,
+                               replacement_lead=replacement_lead, usage_report=usage_report)
+        from dask_lithops.serverless.backends.aws_lambda import resolve_config
+
+        bcfg = resolve_config(
+            runtime=runtime, runtime_memory=runtime_memory, runtime_timeout=runtime_timeout,
+            ephemeral_storage=ephemeral_storage, architecture=architecture,
+            execution_role=execution_role, region=region, vpc=vpc, env_vars=env_vars,
+            user_tags=user_tags, max_workers=max_workers,
+            invoke_pool_threads=invoke_pool_threads, endpoint_url=endpoint_url,
+            extra_packages=extra_packages, requirements_file=requirements_file)
+        self.backend = cls(bcfg)  # validates: bad input fails before anything is started
+        self.backend_config = bcfg
+        self.runtime_name = bcfg.get("runtime") or "default"
+        self.memory = int(bcfg["runtime_memory"])
+        self.timeout = int(bcfg["runtime_timeout"])
+        self.max_workers = int(bcfg["max_workers"])
+        self.usage_report_on_close = bool(sopts["usage_report"])
+        if (sopts["n_workers"] or 0) > self.max_workers:
+            raise config.ConfigError(f"n_workers = {sopts['n_workers']} is more than "
+                                     f"lithops.aws_lambda.max_workers = {self.max_workers}")
+
+        margin = sopts["lifetime_margin"]
+        self.lifetime_margin = (parse_timedelta(margin) if margin is not None
+                                else min(60.0, 0.25 * self.timeout))
+        lead = sopts["replacement_lead"]
+        self.replacement_lead = (parse_timedelta(lead) if lead is not None
+                                 else min(30.0, max(3.0, 0.25 * self.timeout)))
+        self.worker_lifetime = self.timeout - self.lifetime_margin
+        if self.worker_lifetime - self.replacement_lead < 2:
+            raise config.ConfigError(
+                f"lithops.aws_lambda.runtime_timeout = {self.timeout} leaves no time to work "
+                f"after the lifetime margin ({self.lifetime_margin:.0f}s) and replacement lead "
+                f"({self.replacement_lead:.0f}s); allowed: a longer timeout or smaller margins")
+
+        contact = config.get("cluster.contact_address", contact_address)
+        if not contact:
+            contact = self.backend.default_contact_address()
+        if not contact:
+            raise config.ConfigError(
+                "lithops.cluster.contact_address is required in serverless mode: the address "
+                "of this host that functions can reach (a public or VPC address; TLS and the "
+                "relay token keep strangers out)")
+
+        self.usage_tracker = UsageTracker(self.backend.price_per_gb_second,
+                                          self.backend.price_per_request)
+        self._invoke_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=int(bcfg["invoke_pool_threads"]), thread_name_prefix="dask-lithops-invoke")
+        self._addresses: dict[str, str] = {}  # registered worker name -> address
+        self._exited: dict[str, asyncio.Event] = {}
+        self._exit_reports: dict[str, dict] = {}
+        self._retiring: dict[str, LambdaWorker] = {}
+        self._rotation_task: asyncio.Task | None = None
+        self.function_name: str | None = None
+        self.runtime_package = None
+        self.throttle_warnings = 0
+        kwargs.setdefault("lifetime", None)
+        super().__init__(
+            n_workers=sopts["n_workers"],
+            threads_per_worker=sopts["threads_per_worker"] or threads_for_memory(self.memory),
+            memory_limit=self.memory * 1024 * 1024, nanny=False, relay=True,
+            contact_address=contact, **kwargs)
+        self.lifetime = self.worker_lifetime
+        self.lifetime_stagger = 0.0
+
+    # ------------------------------------------------------------------ runtime
+
+    def ensure_runtime(self) -> str:
+        """Build/deploy the runtime if needed and check its versions (blocking)."""
+        from dask_lithops.runtime.builder import build_runtime
+
+        pkg = build_runtime(self.runtime_name,
+                            extra_packages=self.backend_config.get("extra_packages") or [],
+                            requirements_file=self.backend_config.get("requirements_file"),
+                            architecture=self.backend_config["architecture"],
+                            log=logger.info)
+        self.runtime_package = pkg
+        name = self.backend.get_runtime_key(pkg.name, self.memory, pkg.version)
+        info = self.backend.get_runtime_info(name)
+        if info is None:
+            self.backend.deploy_runtime(pkg, self.memory, self.timeout)
+        elif info.timeout != self.timeout:
+            raise config.ConfigError(
+                f"function {name} exists with runtime_timeout = {info.timeout}, but "
+                f"{self.timeout} was asked; delete it first (dask-lithops runtime delete "
+                f"{self.runtime_name}) or use its timeout")
+        meta = self.backend.invoke_sync(name, {"dask_lithops": "metadata"})
+        theirs = (meta or {}).get("runtime_key") or {}
+        diff = runtime_mismatch(runtime_key(), theirs)
+        if diff or not theirs:
+            raise RuntimeMismatch(
+                describe_mismatch(diff, where=f"function {name}") if diff else
+                f"function {name} did not report its runtime: {meta!r}")
+        self.function_name = name
+        return name
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _start(self):
+        if self.status == Status.created or self.function_name is None:
+            await asyncio.get_running_loop().run_in_executor(self._invoke_pool,
+                                                             self.ensure_runtime)
+        await super()._start()
+        self.scheduler.handlers[EXIT_REPORT_OP] = self._on_exit_report
+        self.scheduler.add_plugin(_Tracker(self), name=_Tracker.name)
+        self.worker_event(self.launch_payload("size-check"))  # too big: fail before invoking
+        self._rotation_task = asyncio.ensure_future(self._rotation_loop())
+
+    async def _close(self):
+        if self._rotation_task is not None:
+            self._rotation_task.cancel()
+            self._rotation_task = None
+        try:
+            if self._retiring:
+                await asyncio.gather(*(w.close() for w in list(self._retiring.values())),
+                                     return_exceptions=True)
+            await super()._close()
+        finally:
+            self._invoke_pool.shutdown(wait=False, cancel_futures=True)
+            if self.usage_report_on_close:
+                logger.warning("dask-lithops usage: %s", self.usage_tracker.summary())
+
+    def new_worker_spec(self):
+        # Never reuse a name: an old invocation with that name may still be leaving.
+        while True:
+            name = self._new_worker_name(self._i)
+            self._i += 1
+            if name not in self.worker_spec and name not in self.usage_tracker.records:
+                return {name: self.new_spec}
+
+    # ------------------------------------------------------------------ invocations
+
+    def worker_event(self, payload: LaunchPayload) -> dict:
+        event = {"dask_lithops": "worker", "payload": encode_b64(payload),
+                 "not_after": time.time() + max(300.0, 2 * self.timeout)}
+        size = len(json.dumps(event))
+        if size > self.backend.max_event_payload:
+            raise PayloadTooLarge(
+                f"the worker launch payload is {size} bytes, over the {self.backend.name} "
+                f"asynchronous invocation limit of {self.backend.max_event_payload} bytes; "
+                "it carries the dask config: trim large dask config values")
+        return event
+
+    _inherited_cache: dict | None = None
+
+    def launch_payload(self, name: str) -> LaunchPayload:
+        if self._inherited_cache is None:
+            base = super().launch_payload(name)
+            self._inherited_cache = base.config
+            return base
+        from dask_lithops import cluster as _base
+
+        orig = _base.inherited_config
+        _base.inherited_config = lambda: self._inherited_cache
+        try:
+            return super().launch_payload(name)
+        finally:
+            _base.inherited_config = orig
+
+    async def invoke(self, event: dict) -> str:
+        if self.function_name is None:
+            raise WorkerLaunchError("the runtime is not deployed yet")
+        running = sum(1 for r in self.usage_tracker.records.values() if r.ended is None)
+        if running > self.max_workers:
+            raise WorkerLaunchError(f"max_workers = {self.max_workers} invocations reached")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._invoke_pool, self.backend.invoke,
+                                          self.function_name, event)
+
+    def scale(self, n=0, memory=None, cores=None):
+        if n > self.max_workers:
+            logger.warning("scale(%d) capped at lithops.aws_lambda.max_workers = %d", n,
+                           self.max_workers)
+            n = self.max_workers
+        return super().scale(n, memory=memory, cores=cores)
+
+    # ------------------------------------------------------------------ worker tracking
+
+    def _on_worker_added(self, name: str, address: str) -> None:
+        self._addresses[name] = address
+        self._exited.setdefault(name, asyncio.Event())
+        self.usage_tracker.registered(name)
+        if name not in self.worker_spec and name not in self._retiring and \
+                self.status == Status.running:
+            # an invocation that started after its spec entry was removed (e.g. queued
+            # behind a concurrency limit): it is not wanted any more
+            logger.info("closing unexpected worker %s", name)
+            asyncio.ensure_future(self._close_registered(name))
+
+    def _on_worker_removed(self, name: str) -> None:
+        self._addresses.pop(name, None)
+        self.usage_tracker.ended(name, self._exit_reports.get(name))
+
+    def _on_exit_report(self, report: dict | None = None, **kwargs) -> None:
+        report = report or {}
+        name = report.get("name")
+        if not name:
+            return
+        self._exit_reports[name] = report
+        self.usage_tracker.ended(name, report)
+        self._exited.setdefault(name, asyncio.Event()).set()
+
+    async def _close_registered(self, name: str) -> None:
+        addr = self._addresses.get(name)
+        if addr and addr in self.scheduler.workers:
+            try:
+                await self.scheduler.remove_worker(
+                    addr, close=True, stimulus_id=f"dask-lithops-stop-{time.time()}")
+            except Exception as e:
+                logger.debug("closing worker %s: %s", name, e)
+
+    async def stop_worker(self, name: str) -> None:
+        """Close worker ``name`` and wait until its invocation has returned."""
+        registered = name in self._addresses
+        await self._close_registered(name)
+        record = self.usage_tracker.records.get(name)
+        if record is None:
+            return
+        if not registered and record.registered is None:
+            # never joined (queued or still starting): it finds its spec entry gone, or
+            # its scheduler gone, and ends at once
+            return
+        ev = self._exited.setdefault(name, asyncio.Event())
+        try:
+            await asyncio.wait_for(ev.wait(), _STOP_WAIT)
+        except asyncio.TimeoutError:
+            logger.warning("worker %s did not report its end within %.0fs", name, _STOP_WAIT)
+        self.usage_tracker.ended(name, self._exit_reports.get(name))
+
+    # ------------------------------------------------------------------ rotation
+
+    async def _rotation_loop(self) -> None:
+        rotate_after = self.worker_lifetime - self.replacement_lead
+        while True:
+            await asyncio.sleep(0.5)
+            if self.status != Status.running:
+                continue
+            now = time.monotonic()
+            for name, w in list(self.workers.items()):
+                if not isinstance(w, LambdaWorker) or w.invoked_at is None:
+                    continue
+                if now - w.invoked_at >= rotate_after and name in self.worker_spec:
+                    self._rotate(name, w)
+            self._warn_waiting(now)
+
+    def _rotate(self, name: str, old: LambdaWorker) -> None:
+        """Start ``name``'s replacement now; retire ``name`` once it is there."""
+        self._retiring[name] = old
+        spec = self.worker_spec.pop(name)
+        self.workers.pop(name, None)
+        new_name = next(iter(self.new_worker_spec()))
+        self.worker_spec[new_name] = spec
+        logger.info("rotating %s -> %s (function timeout %ds)", name, new_name, self.timeout)
+        asyncio.ensure_future(self._correct_state())
+        asyncio.ensure_future(self._retire_rotated(name, old, new_name))
+
+    async def _retire_rotated(self, name: str, old: LambdaWorker, new_name: str) -> None:
+        deadline = old.invoked_at + self.worker_lifetime
+        try:
+            # 1. the replacement is there (or we are out of time)
+            while time.monotonic() < deadline and new_name not in self._addresses and \
+                    self.status == Status.running:
+                await asyncio.sleep(0.2)
+            # 2. drain: no new tasks for the old worker; let its running ones finish
+            addr = self._addresses.get(name)
+            ws = self.scheduler.workers.get(addr) if addr else None
+            if ws is not None and ws.status == Status.running:
+                self.scheduler.handle_worker_status_change(
+                    Status.closing_gracefully, ws, stimulus_id=f"dask-lithops-rotate-{name}")
+            while ws is not None and ws.processing and time.monotonic() < deadline and \
+                    self.status == Status.running:
+                await asyncio.sleep(0.2)
+            # 3. retire: its data moves to peers, then it closes and its invocation returns
+            if addr and addr in self.scheduler.workers and self.status == Status.running:
+                await self.scheduler.retire_workers(
+                    names=[name], close_workers=True, remove=True,
+                    stimulus_id=f"dask-lithops-rotate-{name}-{uuid.uuid4().hex[:6]}")
+            await old.close()
+        except Exception:
+            logger.exception("rotating out worker %s failed", name)
+        finally:
+            self._retiring.pop(name, None)
+
+    def _warn_waiting(self, now: float) -> None:
+        """Say so when invocations do not turn into workers (throttled by a concurrency limit)."""
+        waiting = [n for n, w in self.workers.items() if isinstance(w, LambdaWorker)
+                   and w.invoked_at and n not in self._addresses
+                   and self.usage_tracker.records.get(n)
+                   and self.usage_tracker.records[n].registered is None
+                   and now - w.invoked_at > self.worker_start_timeout]
+        if waiting and len(waiting) != self.throttle_warnings:
+            self.throttle_warnings = len(waiting)
+            logger.warning(
+                "%d worker invocations have not started after %.0fs (throttled by the "
+                "function's or account's concurrency limit?): %s", len(waiting),
+                self.worker_start_timeout, ", ".join(sorted(waiting)[:10]))
+
+    # ------------------------------------------------------------------ usage
+
+    def usage(self) -> dict:
+        """Per-invocation duration and memory, total GB-seconds and the estimated cost."""
+        return self.usage_tracker.report()
+
+    def __repr__(self) -> str:
+        return (f"ServerlessCluster({self.name!r}, {self.scheduler_address!r}, "
+                f"function={self.function_name!r}, workers={len(self.workers)}, "
+                f"memory={self.memory}MB, status={self.status.name})")

@@ -1,0 +1,128 @@
+"""The function entry point: ``dask_lithops.serverless.handler.handler``.
+
+Events (JSON):
+
+* ``{"dask_lithops": "metadata"}`` -> this runtime's key (versions), no worker.
+* ``{"dask_lithops": "worker", "payload": <base64 msgpack LaunchPayload>,
+  "not_after": <epoch s>}`` -> runs one worker (no nanny) until the cluster
+  stops it, its lifetime ends or the scheduler is lost; returns the exit report
+  and also posts it to the scheduler (Event invocations' results go nowhere).
+
+A worker invocation never raises: a raised error would make Lambda retry the
+event, i.e. start a duplicate worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import sys
+import time
+
+logger = logging.getLogger("dask_lithops.serverless.handler")
+
+EXIT_REPORT_OP = "dask_lithops_worker_exit"
+_SAFETY = 3.0  # seconds kept between the worker's end and the function's deadline
+
+
+def _setup_logging() -> None:
+    root = logging.getLogger()
+    if not any(getattr(h, "_dask_lithops", False) for h in root.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+        h._dask_lithops = True
+        root.addHandler(h)
+        root.setLevel(logging.INFO)
+        logging.getLogger("distributed.utils_perf").setLevel(logging.ERROR)
+
+
+def metadata() -> dict:
+    from dask_lithops.payload import runtime_key
+
+    return {"runtime_key": runtime_key(), "machine": platform.machine(),
+            "memory_mb": os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE"),
+            "runtime": os.environ.get("DASK_LITHOPS_RUNTIME"),
+            "python": sys.version.split()[0]}
+
+
+def handler(event, context):
+    if not isinstance(event, dict) or "dask_lithops" not in event:
+        return {"error": "not a dask-lithops event"}
+    kind = event["dask_lithops"]
+    if kind == "metadata":
+        return metadata()
+    if kind != "worker":
+        return {"error": f"unknown dask-lithops event {kind!r}"}
+    _setup_logging()
+    start = time.time()
+    try:
+        return asyncio.run(_run(event, context, start))
+    except BaseException as e:  # noqa: BLE001 -- see the module docstring
+        logger.exception("dask-lithops worker failed")
+        return {"reason": "error", "error": f"{type(e).__name__}: {e}",
+                "duration": time.time() - start}
+
+
+async def _run(event: dict, context, start: float) -> dict:
+    from dask_lithops.payload import RuntimeMismatch, decode_b64, security_from_dict
+    from dask_lithops.worker import run_worker_async
+
+    if event.get("not_after") and time.time() > float(event["not_after"]):
+        logger.info("worker event expired before it started: not starting it")
+        return {"reason": "expired", "duration": 0.0}
+    payload = decode_b64(event["payload"])
+    memory_mb = int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE") or 0)
+    if payload.memory_limit in (None, "auto") and memory_mb:
+        payload.memory_limit = memory_mb * 1024 * 1024
+    remaining = context.get_remaining_time_in_millis() / 1000 if context else None
+    if remaining is not None:
+        # never let the platform kill the worker: retire before the deadline
+        cap = max(1.0, remaining - _SAFETY)
+        payload.lifetime = min(payload.lifetime or cap, cap)
+        payload.lifetime_stagger = min(payload.lifetime_stagger or 0, payload.lifetime / 10)
+    security = security_from_dict(payload.security)
+    if not await _scheduler_reachable(payload, security):
+        logger.warning("scheduler %s unreachable: not starting worker %s",
+                       payload.scheduler_address, payload.name)
+        return {"name": payload.name, "reason": "scheduler-unreachable",
+                "duration": time.time() - start}
+    try:
+        report = await run_worker_async(payload)
+    except RuntimeMismatch as e:
+        report = {"name": payload.name, "reason": "runtime-mismatch", "error": str(e)}
+    report["duration"] = time.time() - start
+    report["started"] = start
+    report["memory_mb"] = memory_mb
+    report["request_id"] = getattr(context, "aws_request_id", None)
+    await _post_report(payload, security, report)
+    return report
+
+
+async def _scheduler_reachable(payload, security, timeout: float = 10.0) -> bool:
+    """A worker event that starts after its cluster closed must end at once."""
+    from distributed.comm import connect
+
+    deadline = time.monotonic() + min(timeout, payload.death_timeout or timeout)
+    args = security.get_connection_args("worker")
+    while True:
+        try:
+            comm = await connect(payload.scheduler_address, timeout=5, **args)
+            await comm.close()
+            return True
+        except (OSError, asyncio.TimeoutError):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.5)
+
+
+async def _post_report(payload, security, report: dict) -> None:
+    from distributed.core import rpc
+
+    try:
+        async with rpc(payload.scheduler_address, timeout=5,
+                       connection_args=security.get_connection_args("worker")) as r:
+            await asyncio.wait_for(getattr(r, EXIT_REPORT_OP)(report=report), 5)
+    except Exception as e:  # the cluster may be gone: the report is best effort
+        logger.info("could not post the exit report: %s", e)
