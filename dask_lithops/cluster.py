@@ -37,6 +37,14 @@ _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.
                "error": logging.ERROR, "critical": logging.CRITICAL}
 
 
+class _Unset:
+    def __repr__(self):
+        return "<unset>"
+
+
+UNSET = _Unset()  # keyword not given (None can mean "off", e.g. dashboard_address=None)
+
+
 class WorkerLaunchError(RuntimeError):
     """A worker could not be started; the message says where and why."""
 
@@ -141,7 +149,7 @@ class LithopsCluster(SpecCluster):
         death_timeout: str | float | None = None,
         lifetime: str | float | None = None,
         lifetime_stagger: str | float | None = None,
-        dashboard_address: str | None = None,
+        dashboard_address: str | None | _Unset = UNSET,
         scheduler_host: str | None = None,
         scheduler_port: int | None = None,
         contact_address: str | None = None,
@@ -154,6 +162,9 @@ class LithopsCluster(SpecCluster):
         shutdown_on_close: bool = True,
         worker_start_timeout: str | float | None = None,
     ):
+        dashboard_disabled = dashboard_address is None  # an explicit None turns it off
+        if dashboard_address is UNSET or dashboard_disabled:
+            dashboard_address = None
         opts = config.section(
             "cluster", death_timeout=death_timeout, lifetime=lifetime,
             lifetime_stagger=lifetime_stagger, dashboard_address=dashboard_address,
@@ -204,7 +215,8 @@ class LithopsCluster(SpecCluster):
                 "protocol": "tls://" if self._security.require_encryption else "tcp://",
                 "security": self._security,
                 "dashboard_address": opts["dashboard_address"],
-                "dashboard": _dashboard_available() and opts["dashboard_address"] is not None,
+                "dashboard": (_dashboard_available() and not dashboard_disabled
+                              and opts["dashboard_address"] is not None),
                 **scheduler_options,
             },
         }

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up a fresh machine (Python 3.11 + pip): system packages the tests need,
+# a virtualenv in .venv with dask-lithops and its extras. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+WITH_SYSTEM=${WITH_SYSTEM:-1}
+
+if [ "$WITH_SYSTEM" = 1 ]; then
+  need=()
+  command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+  command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
+  command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || need+=(nftables)
+  command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need+=(iproute2)
+  if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "ci/setup.sh: installing ${need[*]}"
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    else
+      echo "ci/setup.sh: ${need[*]} missing and not root with apt-get: the tests that need them will skip" >&2
+    fi
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q -e ".[all,test]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import dask_lithops, distributed, boto3, paramiko, awslambdaric" \
+  || { echo "ci/setup.sh: installation failed" >&2; exit 1; }
