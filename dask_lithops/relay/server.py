@@ -21,6 +21,7 @@ import collections
 import logging
 import secrets
 import socket
+import sys
 import time
 
 from dask_lithops.relay.protocol import (
@@ -36,6 +37,8 @@ from dask_lithops.relay.protocol import (
 )
 
 logger = logging.getLogger("dask_lithops.relay")
+
+_WRITE_COPIES = sys.version_info < (3, 12)
 
 _HELLO, _CONTROL, _WAITING, _SPLICE, _CLOSED = "hello", "control", "waiting", "splice", "closed"
 
@@ -87,10 +90,12 @@ class _Conn(asyncio.BufferedProtocol):
         data = self.server._rbuf[:nbytes]
         if self.state == _SPLICE:
             self.server.bytes_relayed += nbytes
-            chunk = bytes(data)
             if self.server._tap is not None:
-                self.server._tap(chunk)
-            self.peer.transport.write(chunk)
+                self.server._tap(bytes(data))
+            # Up to 3.11 a selector transport copies whatever it cannot send at
+            # once, so the shared buffer can be handed over as is; later versions
+            # keep a reference to it, so give them a private copy.
+            self.peer.transport.write(data if _WRITE_COPIES else bytes(data))
             return
         self.inbuf += data
         if len(self.inbuf) > MAX_FRAME + len(MAGIC) + HEADER.size:

@@ -1,0 +1,190 @@
+"""relay:// vs direct TCP, side by side: worker-to-worker throughput and small-message latency.
+
+    .venv/bin/python benchmarks/relay.py [--tls] [--reps 5] [--sizes 1,10,100]
+
+One scheduler (in this process) and four ``dask worker`` processes on
+loopback: two listening directly on tcp://127.0.0.1 and two behind a
+``dask-lithops relay`` process (its own process, as in a deployment where the
+relay runs beside the scheduler).  Each measurement runs *on the receiving
+worker*, using distributed's own transfer path (``get_data_from_worker`` over
+the worker's connection pool, i.e. what ``gather_dep`` does), so it includes
+serialization and framing exactly as a real dependency fetch does.
+
+Prints medians and the relay/direct ratios; targets: throughput >= 0.7x direct
+for 10-100 MB objects, latency <= 2x direct.  Exit status 0 either way (a
+benchmark, not a test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import numpy as np
+from distributed import Client, Scheduler, Security
+
+from dask_lithops.relay import relay_security
+from dask_lithops.relay.protocol import TOKEN_ENV
+
+DASK = os.path.join(os.path.dirname(sys.executable), "dask")
+HOST = "127.0.0.1"
+
+
+def _make(nbytes: int):
+    return np.ones(nbytes, dtype=np.uint8)
+
+
+async def _fetch(dask_worker, peer: str, key, reps: int) -> list[float]:
+    from distributed.worker import get_data_from_worker
+
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        resp = await get_data_from_worker(dask_worker.rpc, [key], peer, who=dask_worker.address)
+        times.append(time.perf_counter() - t0)
+        assert resp["status"] == "OK", resp
+        del resp
+    return times
+
+
+async def _ping(dask_worker, peer: str, reps: int) -> list[float]:
+    times = []
+    r = dask_worker.rpc(peer)
+    for _ in range(reps + 10):
+        t0 = time.perf_counter()
+        await r.identity()
+        times.append(time.perf_counter() - t0)
+    return times[10:]
+
+
+def _start_relay(token: str, logdir: str) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, **{TOKEN_ENV: token})
+    err = open(os.path.join(logdir, "relay.log"), "w")
+    proc = subprocess.Popen([sys.executable, "-m", "dask_lithops.relay.cli", "--host", HOST,
+                             "--port", "0", "--log-level", "WARNING"],
+                            env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    line = proc.stdout.readline()
+    m = re.match(r"relay listening on (\S+)", line)
+    if not m:
+        proc.kill()
+        raise RuntimeError(f"relay did not start: {line!r}")
+    return proc, m.group(1)
+
+
+def _tls_files(sec: Security, d: str) -> list[str]:
+    paths = {}
+    for name, pem in (("ca", sec.tls_ca_file), ("cert", sec.tls_worker_cert),
+                      ("key", sec.tls_worker_key)):
+        paths[name] = os.path.join(d, f"{name}.pem")
+        with open(paths[name], "w") as f:
+            f.write(pem)
+    return ["--tls-ca-file", paths["ca"], "--tls-cert", paths["cert"],
+            "--tls-key", paths["key"]]
+
+
+async def main(args) -> None:
+    token = uuid.uuid4().hex
+    tmp = tempfile.mkdtemp(prefix="dlrelaybench")
+    base = Security.temporary() if args.tls else None
+    sec = relay_security(token, base)
+    tls_args = _tls_files(base, tmp) if args.tls else []
+    relay_proc, relay_addr = _start_relay(token, tmp)
+    procs = []
+    try:
+        async with Scheduler(host=HOST, port=0, dashboard_address=":0", security=sec,
+                             protocol="tls" if args.tls else "tcp") as s, \
+                Client(s.address, asynchronous=True, security=sec) as client:
+            env = dict(os.environ, **{TOKEN_ENV: token})
+            names = {"direct-a": ["--host", HOST], "direct-b": ["--host", HOST],
+                     "relay-a": ["--protocol", "relay", "--listen-address",
+                                 f"relay://{relay_addr}/relay-a"],
+                     "relay-b": ["--protocol", "relay", "--listen-address",
+                                 f"relay://{relay_addr}/relay-b"]}
+            for name, extra in names.items():
+                log = open(os.path.join(tmp, f"{name}.log"), "w")
+                procs.append(subprocess.Popen(
+                    [DASK, "worker", s.address, "--name", name, "--nthreads", "1",
+                     "--no-nanny", "--no-dashboard", "--memory-limit", "0", *tls_args, *extra],
+                    env=env, stdout=log, stderr=log))
+            await client.wait_for_workers(4, timeout=60)
+            info = client.scheduler_info()["workers"]
+            addr = {w["name"]: a for a, w in info.items()}
+
+            mode = "TLS" if args.tls else "plain"
+            print(f"relay:// vs direct ({mode}), loopback, {os.cpu_count()} CPUs, "
+                  f"distributed {__import__('distributed').__version__}")
+            print(f"{'measure':<26}{'direct':>14}{'relay':>14}{'ratio':>9}  target")
+            results = {}
+
+            async def fetch(kind, key, reps):
+                src, dst = addr[f"{kind}-a"], addr[f"{kind}-b"]
+                return (await client.run(_fetch, peer=src, key=key, reps=reps,
+                                         workers=[dst]))[dst]
+            for mb in args.sizes:
+                nbytes = mb * 2**20
+                futs = {}
+                for kind in ("direct", "relay"):
+                    futs[kind] = client.submit(_make, nbytes, workers=[addr[f"{kind}-a"]],
+                                               pure=False)
+                    await futs[kind]
+                    await fetch(kind, futs[kind].key, 1)  # warm up the pooled connection
+                reps = max(3, args.reps if mb >= 10 else args.reps * 4)
+                times = {"direct": [], "relay": []}
+                for _ in range(reps):  # interleaved, so load changes hit both alike
+                    for kind in ("direct", "relay"):
+                        times[kind] += await fetch(kind, futs[kind].key, 1)
+                await client.cancel(list(futs.values()))
+                row = {k: nbytes / statistics.median(v) / 1e6 for k, v in times.items()}
+                ratio = row["relay"] / row["direct"]
+                target = ">= 0.70" if mb >= 10 else "-"
+                ok = "" if mb < 10 else ("ok" if ratio >= 0.7 else "MISSED")
+                print(f"{f'throughput {mb} MB (MB/s)':<26}{row['direct']:>14.0f}"
+                      f"{row['relay']:>14.0f}{ratio:>9.2f}  {target} {ok}", flush=True)
+                results[f"throughput_{mb}MB"] = ratio
+
+            lat = {"direct": [], "relay": []}
+            for _ in range(5):
+                for kind in ("direct", "relay"):
+                    src, dst = addr[f"{kind}-a"], addr[f"{kind}-b"]
+                    lat[kind] += (await client.run(_ping, peer=src, reps=args.pings // 5,
+                                                   workers=[dst]))[dst]
+            lat = {k: statistics.median(v) * 1e6 for k, v in lat.items()}
+            ratio = lat["relay"] / lat["direct"]
+            print(f"{'round trip small msg (us)':<26}{lat['direct']:>14.0f}{lat['relay']:>14.0f}"
+                  f"{ratio:>9.2f}  <= 2.00 {'ok' if ratio <= 2 else 'MISSED'}")
+            results["latency"] = ratio
+            await client.retire_workers(list(addr.values()), close_workers=True)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        relay_proc.terminate()
+        relay_proc.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tls", action="store_true", help="TLS for everything (end to end "
+                    "through the relay)")
+    ap.add_argument("--sizes", default="1,10,100", help="object sizes in MB")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions per size (x4 for < 10 MB)")
+    ap.add_argument("--pings", type=int, default=500, help="round trips for latency")
+    a = ap.parse_args()
+    a.sizes = [int(x) for x in a.sizes.split(",")]
+    asyncio.run(main(a))
