@@ -20,4 +20,25 @@ def ssh_hosts():
         yield hosts
 
 
+@pytest.fixture
+def ec2_world(monkeypatch):
+    """moto's EC2 API on a test bridge's gateway and a VM booter (:class:`~dask_lithops.testing.vm_booter.EC2World`).
+
+    Running instances become namespace hosts with a real sshd.  Dummy AWS
+    credentials are set in the environment for the test only.  Skipped with
+    the reason when namespaces, sshd or moto are unavailable.
+    """
+    from .moto_server import DUMMY_CREDENTIALS, moto_available
+    from .ssh_hosts import ssh_hosts_available
+    from .vm_booter import EC2World
+
+    reason = ssh_hosts_available() or moto_available()
+    if reason:
+        pytest.skip(f"EC2 test world unavailable: {reason}")
+    for k, v in DUMMY_CREDENTIALS.items():
+        monkeypatch.setenv(k, v)
+    with EC2World() as world:
+        yield world
+
+
 from .lambda_emulator.fixtures import lambda_emulator  # noqa: E402,F401

@@ -83,13 +83,14 @@ class VMBooter:
 
     def __init__(self, endpoint_url: str, bridge: Bridge, region: str = "us-east-1",
                  env: dict | None = None, poll_interval: float = 0.2,
-                 boot_delay: float = 0.0):
+                 boot_delay: float = 0.0, first_boot_delay: float = 0.0):
         self.endpoint_url = endpoint_url
         self.bridge = bridge
         self.region = region
         self.env = dict(env or {})
         self.poll_interval = poll_interval
         self.boot_delay = boot_delay
+        self.first_boot_delay = first_boot_delay  # a new instance's provisioning (image copy)
         self.directory: str | None = None
         self.hosts: dict[str, VMHost] = {}
         self.roots: dict[str, str] = {}
@@ -213,8 +214,9 @@ class VMBooter:
                 self._busy.discard(iid)
 
     def _boot(self, iid: str, ip: str) -> None:
-        if self.boot_delay:
-            time.sleep(self.boot_delay)
+        delay = self.boot_delay + (self.first_boot_delay if iid not in self.booted_once else 0)
+        if delay:
+            time.sleep(delay)
         root = self.roots.get(iid)
         if root is None:
             root = self.roots[iid] = tempfile.mkdtemp(prefix=f"{iid}-", dir=self.directory)
@@ -269,9 +271,11 @@ class EC2World:
     :class:`VMBooter`.  ``cluster_options()`` are the ``aws_ec2`` keywords for it.
     """
 
-    def __init__(self, region: str = "us-east-1", boot_delay: float = 0.0):
+    def __init__(self, region: str = "us-east-1", boot_delay: float = 0.0,
+                 first_boot_delay: float = 0.0):
         self.region = region
         self.boot_delay = boot_delay
+        self.first_boot_delay = first_boot_delay
         self.bridge: Bridge | None = None
         self.moto = None
         self.booter: VMBooter | None = None
@@ -292,7 +296,8 @@ class EC2World:
                 self.bridge.subnet))["Subnet"]["SubnetId"]
             self.ami = ec2.describe_images(Owners=["amazon"], MaxResults=5)["Images"][0]["ImageId"]
             self.booter = VMBooter(self.moto.endpoint_url, self.bridge, region=self.region,
-                                   env=self.moto.env, boot_delay=self.boot_delay).start()
+                                   env=self.moto.env, boot_delay=self.boot_delay,
+                                   first_boot_delay=self.first_boot_delay).start()
         except BaseException:
             self.stop()
             raise
@@ -348,3 +353,46 @@ class EC2World:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+CLIENT_SCRIPT = r"""
+import json, os, sys, time
+from dask_lithops.standalone.ec2_cluster import EC2Cluster
+from distributed import Client
+opts = json.loads(sys.argv[1])
+cluster = EC2Cluster(**opts)
+client = Client(cluster)
+client.wait_for_workers(len(cluster.vms), timeout=120)
+assert client.submit(sum, [1, 2, 3]).result() == 6
+print("READY " + json.dumps([v.instance_id for v in cluster.vms]), flush=True)
+time.sleep(3600)
+"""
+
+
+def spawn_client(world: EC2World, timeout: float = 180, **options):
+    """A client process running an EC2 cluster in ``world``; returns (Popen, instance ids).
+
+    For SIGKILL tests: it prints ``READY [ids]`` once its workers computed.
+    """
+    import json
+    import sys
+
+    opts = world.cluster_options(**options)
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, json.dumps(opts)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, **world.moto.env}, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    while time.monotonic() < deadline:
+        if sel.select(timeout=1):
+            line = proc.stdout.readline()
+            if line.startswith("READY "):
+                return proc, json.loads(line.split(" ", 1)[1])
+            if not line and proc.poll() is not None:
+                break
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"client process did not get ready (exit {proc.poll()})")
