@@ -341,6 +341,46 @@ def test_account_concurrency_limit():
         assert invoke(c, "other", {"seconds": 0})["Body"] == "slept"
 
 
+def test_many_concurrent_environments_for_event_invocations(lambda_emulator, client):
+    """Each Event invocation gets its own environment while the others are busy."""
+    n = 16
+    deploy(client, "worker", handler="app.sleep", Timeout=60)
+    t0 = time.monotonic()
+    for _ in range(n):
+        r = client.invoke(FunctionName="worker", InvocationType="Event",
+                          Payload=b'{"seconds": 20}')
+        assert r["StatusCode"] == 202
+    assert time.monotonic() - t0 < 10
+    deadline = time.monotonic() + 25
+    while True:
+        envs = lambda_emulator.environments
+        if sum(e.state == "busy" for e in envs) == n:
+            break
+        assert time.monotonic() < deadline, [(e.state, e.pid) for e in envs]
+        time.sleep(0.1)
+    assert len({e.pid for e in envs}) == n
+    if lambda_emulator.sandboxed:
+        assert len({e.netns for e in envs}) == n and len({e.address for e in envs}) == n
+
+
+def test_idle_environments_are_reaped():
+    with LambdaEmulator(idle_timeout=0.5) as emu:
+        c = emu.client()
+        deploy(c, "echo")
+        pid = invoke(c, "echo")["Body"]["pid"]
+        assert [e.pid for e in emu.environments] == [pid]
+        deadline = time.monotonic() + 10
+        while emu.environments:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(0.3)
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        r = invoke(c, "echo")
+        assert r["Body"]["pid"] != pid
+        assert emu.invocation(r["ResponseMetadata"]["RequestId"]).cold
+
+
 @needs_sandbox
 def test_sandbox_refuses_inbound_and_reaches_the_host(lambda_emulator, client):
     assert lambda_emulator.sandboxed
