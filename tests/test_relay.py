@@ -374,9 +374,11 @@ def sandbox_cluster(world, *, relay: bool = True, tls: bool = False, nanny=(1,),
             os.chmod(files[name], 0o600)
         tls_args = ["--tls-ca-file", files["ca"], "--tls-cert", files["cert"],
                     "--tls-key", files["key"]]
-    relay_proc = RelayProcess(gw, 0, TOKEN, tmp).start() if relay else None
+    relay_proc = RelayProcess(gw, 0, TOKEN, tmp) if relay else None
     procs: list[subprocess.Popen] = []
     try:
+        if relay_proc is not None:
+            relay_proc.start()
         with LocalCluster(n_workers=0, host=gw, scheduler_port=0, dashboard_address=":0",
                           security=sec, protocol="tls://" if tls else "tcp://") as cluster, \
                 Client(cluster, security=sec) as client:
