@@ -21,8 +21,6 @@ import asyncio
 import json
 import logging
 import os
-import shutil
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -122,22 +120,17 @@ class EC2Cluster(StandaloneCluster):
         self.provider: EC2Provider | None = None
         self.start_times: dict[str, float] = {}
         self._owned: list[str] = []   # instances this cluster created or started
-        self._state_dir = tempfile.mkdtemp(prefix="dask-lithops-ec2-")
-        self._known_hosts = os.path.join(self._state_dir, "known_hosts")
+        self._known_hosts: str | None = None  # next to the key, once the provider has it
         self._hb_conns: dict[str, object] = {}
         self._hb_stop = threading.Event()
         self._hb_thread: threading.Thread | None = None
         user = ec2["ssh_username"] or "ubuntu"
         ssh_kw = {}
-        if mode != "consume":  # our VMs: our key, our host key, checked
-            ssh_kw = {"known_hosts": self._known_hosts, "trust_unknown_hosts": False}
+        if mode != "consume":  # our VMs: our key, our host key, checked (no TOFU)
+            ssh_kw = {"trust_unknown_hosts": False}
         placeholders = [f"{user}@pending-vm-{i}" for i in range(n)]
-        try:
-            super().__init__(backend="ssh", hosts=placeholders, ssh_username=user,
-                             worker_processes=ec2["worker_processes"], **ssh_kw, **kwargs)
-        except BaseException:
-            shutil.rmtree(self._state_dir, ignore_errors=True)
-            raise
+        super().__init__(backend="ssh", hosts=placeholders, ssh_username=user,
+                         worker_processes=ec2["worker_processes"], **ssh_kw, **kwargs)
 
     # ------------------------------------------------------------------ VMs
     def _make_provider(self) -> EC2Provider:
@@ -162,6 +155,8 @@ class EC2Cluster(StandaloneCluster):
         p, o = self.provider, self.ec2_options
         p.setup()
         self.ssh_options["ssh_key_filename"] = p.key_filename
+        if self.exec_mode != "consume":
+            self._known_hosts = self.ssh_options["known_hosts"] = p.key_filename + ".known_hosts"
         itype = o["worker_instance_type"]
         timeout = float(o["start_timeout"])
         if self.exec_mode == "consume":
@@ -218,14 +213,20 @@ class EC2Cluster(StandaloneCluster):
     def _write_known_hosts(self, vms: list[VM]) -> None:
         if self.exec_mode == "consume":
             return
+        import fcntl
+
         kind, key = self.provider.host_key_public.split()[:2]
-        lines = []
-        if os.path.exists(self._known_hosts):
-            with open(self._known_hosts) as f:
-                lines = f.read().splitlines()
-        lines += [f"{v.address} {kind} {key}" for v in vms]
-        with open(self._known_hosts, "w") as f:
-            f.write("\n".join(dict.fromkeys(lines)) + "\n")
+        with open(self._known_hosts + ".lock", "w") as lock:  # clusters may start at once
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            lines = []
+            if os.path.exists(self._known_hosts):
+                with open(self._known_hosts) as f:
+                    lines = f.read().splitlines()
+            lines += [f"{v.address} {kind} {key}" for v in vms]
+            tmp = f"{self._known_hosts}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write("\n".join(dict.fromkeys(lines)) + "\n")
+            os.replace(tmp, self._known_hosts)
 
     def _connect_vm(self, vm: VM, timeout: float):
         user = self.ssh_options["ssh_username"] or "ubuntu"
@@ -333,10 +334,7 @@ class EC2Cluster(StandaloneCluster):
         try:
             await super()._close()
         finally:
-            try:
-                await self._dismantle()
-            finally:
-                shutil.rmtree(self._state_dir, ignore_errors=True)
+            await self._dismantle()
 
     def __repr__(self) -> str:
         vms = ", ".join(f"{v.instance_id}@{v.address}" for v in self.vms) or "none yet"

@@ -255,9 +255,10 @@ class VMBooter:
         self.events.append((time.time(), iid, "booted"))
 
     def _shutdown(self, iid: str, state: str) -> None:
-        host = self.hosts.pop(iid, None)
+        host = self.hosts.get(iid)
         if host is not None:
-            host.stop()
+            host.stop()  # namespace and every process in it gone before it counts as down
+            self.hosts.pop(iid, None)
             self.events.append((time.time(), iid, "down"))
         if state == "terminated":
             root = self.roots.pop(iid, None)
