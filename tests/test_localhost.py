@@ -192,9 +192,11 @@ def test_async_api():
                                     dashboard_address=None) as cluster:
             async with Client(cluster, asynchronous=True) as client:
                 assert await client.submit(lambda: 41 + 1) == 42
-                cluster.scale(2)
+                await cluster.scale(2)
                 await client.wait_for_workers(2)
+                await cluster  # the launchers have reported back
                 assert len(cluster.workers) == 2
+                assert await client.submit(lambda: 1, workers=["localhost-1"]) == 1
         return cluster
 
     cluster = asyncio.run(main())
