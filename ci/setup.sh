@@ -26,7 +26,12 @@ fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -e ".[all,test]" 2>&1 | grep -v "^WARNING: Location" || true
+log=$(mktemp)
+if ! { .venv/bin/python -m pip install -q --upgrade pip && \
+       .venv/bin/python -m pip install -q -e ".[all,test]"; } >"$log" 2>&1; then
+  cat "$log" >&2; rm -f "$log"
+  echo "ci/setup.sh: pip install failed" >&2; exit 1
+fi
+rm -f "$log"
 .venv/bin/python -c "import dask_lithops, distributed, boto3, paramiko, awslambdaric" \
   || { echo "ci/setup.sh: installation failed" >&2; exit 1; }
