@@ -377,6 +377,8 @@ def test_idle_environments_are_reaped():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
         r = invoke(c, "echo")
+        assert "FunctionError" not in r, (r["Body"], emu.invocation_log(
+            r["ResponseMetadata"]["RequestId"]))
         assert r["Body"]["pid"] != pid
         assert emu.invocation(r["ResponseMetadata"]["RequestId"]).cold
 

@@ -27,11 +27,13 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tornado import httputil
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application, HTTPError, RequestHandler
@@ -1764,15 +1766,98 @@ class NotFoundHandler(_Control):
                           f"Unknown operation {self.request.method} {self.request.path}")
 
 
-def control_application(core: LambdaEmulator) -> Application:
+_EVENT_INVOKE_RE = re.compile(r"^/2015-03-31/functions/([^/?]+)/invocations/?$")
+
+
+class _EventFastPath(httputil.HTTPMessageDelegate):
+    """Accept a well-formed Event invoke without the RequestHandler machinery.
+
+    Event invokes are the emulator's hot path (a cluster scaling up sends hundreds at
+    once); anything unusual -- an error to report, another invocation type -- is
+    replayed to the full application, which answers it.
+    """
+
+    def __init__(self, core, app, server_conn, request_conn):
+        self.core, self.app = core, app
+        self.server_conn, self.conn = server_conn, request_conn
+        self.delegate = None
+        self.fast = False
+        self.start_line = self.headers = None
+        self.chunks: list[bytes] = []
+
+    def headers_received(self, start_line, headers):
+        self.start_line, self.headers = start_line, headers
+        m = (_EVENT_INVOKE_RE.match(start_line.path) if start_line.method == "POST" else None)
+        if m and headers.get("X-Amz-Invocation-Type") == "Event":
+            self.fast, self.name = True, urllib.parse.unquote(m.group(1))
+            return None
+        return self._forward()
+
+    def _forward(self):
+        self.fast = False
+        self.delegate = self.app.start_request(self.server_conn, self.conn)
+        r = self.delegate.headers_received(self.start_line, self.headers)
+        for c in self.chunks:
+            self.delegate.data_received(c)
+        self.chunks = []
+        return r
+
+    def data_received(self, chunk):
+        if self.fast:
+            self.chunks.append(chunk)
+            return None
+        return self.delegate.data_received(chunk)
+
+    def finish(self):
+        if self.fast:
+            payload = b"".join(self.chunks) or b"{}"
+            inv = None
+            if len(payload) <= ASYNC_PAYLOAD_LIMIT and not self.headers.get("X-Amz-Client-Context"):
+                try:
+                    json.loads(payload)
+                    inv = self.core.invoke(self.core.resolve(self.name), payload, "Event",
+                                           False, None)
+                except (LambdaError, ValueError):
+                    inv = None
+            if inv is not None:
+                self.conn.write_headers(
+                    httputil.ResponseStartLine("HTTP/1.1", 202, "Accepted"),
+                    httputil.HTTPHeaders({"x-amzn-RequestId": inv.request_id,
+                                          "Content-Length": "0"}))
+                self.conn.finish()
+                return
+            self._forward()
+        self.delegate.finish()
+
+    def on_connection_close(self):
+        if self.delegate is not None:
+            self.delegate.on_connection_close()
+
+
+class _ControlRouter(httputil.HTTPServerConnectionDelegate):
+    def __init__(self, core, app):
+        self.core, self.app = core, app
+
+    def start_request(self, server_conn, request_conn):
+        return _EventFastPath(self.core, self.app, server_conn, request_conn)
+
+    def on_close(self, server_conn):
+        self.app.on_close(server_conn)
+
+
+def control_application(core: LambdaEmulator):
+    return _ControlRouter(core, _control_app(core))
+
+
+def _control_app(core: LambdaEmulator) -> Application:
     kw = {"core": core}
     fn = r"([^/]+)"
     return Application([
+        (rf"/2015-03-31/functions/{fn}/invocations/?", InvokeHandler, kw),
         (r"/2015-03-31/functions/?", FunctionsHandler, kw),
         (rf"/2015-03-31/functions/{fn}/?", FunctionHandler, kw),
         (rf"/2015-03-31/functions/{fn}/configuration/?", ConfigurationHandler, kw),
         (rf"/2015-03-31/functions/{fn}/code/?", CodeHandler, kw),
-        (rf"/2015-03-31/functions/{fn}/invocations/?", InvokeHandler, kw),
         (rf"/2014-11-13/functions/{fn}/invoke-async/?", InvokeAsyncHandler, kw),
         (rf"/2017-10-31/functions/{fn}/concurrency/?", ConcurrencyHandler, kw),
         (rf"/2019-09-30/functions/{fn}/concurrency/?", ConcurrencyHandler, kw),
