@@ -285,13 +285,15 @@ def start_process(*, python: str, handler: str, env: dict, task_root: str,
 
 def kill_process(h: ProcessHandle) -> None:
     """SIGKILL the environment's process and everything it started (by PID)."""
-    for pid in [h.pid]:
+    # Only while the leader is unreaped is its PID (and process group) still ours; after
+    # that the number may belong to a new process, so children are found by cgroup/netns.
+    if h.proc.returncode is None:
         try:
-            os.killpg(pid, signal.SIGKILL)
+            os.killpg(h.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(h.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     if h.cgroup is not None:
