@@ -174,8 +174,11 @@ def main():
               f"core (x{cap / TARGET_EVENTS_PER_S:.2f})")
     print(f"({processed} of the run events had completed when the emulator stopped; "
           f"1-min load average during the run: {load:.1f} on {os.cpu_count()} CPUs)")
-    ok = max(b_rate, r_rate, h_rate) >= TARGET_EVENTS_PER_S
-    print(f"target >= {TARGET_EVENTS_PER_S:,.0f} Event invocations/s accepted: "
+    # the target is about acceptance (what a cluster scaling up sees); the "run" rows also
+    # execute thousands of tiny invocations on the same event loop, and the boto3 row is
+    # bound by the clients' own CPU
+    ok = h_rate >= TARGET_EVENTS_PER_S
+    print(f"target >= {TARGET_EVENTS_PER_S:,.0f} Event invocations/s accepted (queued row): "
           f"{'MET' if ok else 'NOT MET'}")
     return 0 if ok else 1
 
