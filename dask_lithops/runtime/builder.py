@@ -39,6 +39,7 @@ ZIP_LIMIT = 50 * 1024 * 1024  # zipped, direct upload (function or layer)
 UNZIPPED_LIMIT = 250 * 1024 * 1024  # function + all its layers, unzipped
 MAX_LAYERS = 5
 HANDLER = "dask_lithops.serverless.handler.handler"
+BUILDER_VERSION = 2  # bump when what goes into a package changes (cache keys include it)
 
 #: What Lambda's managed Python runtime already has: never packaged (the
 #: runtime's copies would be shadowed by ours otherwise, or double the size).
@@ -54,9 +55,10 @@ NEVER = frozenset({"dask-lithops", "jsonschema", "jsonschema-specifications", "r
 _STRIP_DIRS = {"tests", "__pycache__", "include"}
 _STRIP_SUFFIXES = (".pyx", ".pxd", ".pxi", ".h", ".hpp", ".c", ".cc", ".cpp", ".pyi", ".a")
 # Optional parts of big libraries (their import is optional and lazy).
+# (Only what nothing else links: e.g. every pyarrow extension NEEDs libarrow_substrait.)
 _STRIP_OPTIONAL = (
-    re.compile(r"^pyarrow/(lib)?_?(arrow_)?flight"),
-    re.compile(r"^pyarrow/(lib)?_?(arrow_)?substrait"),
+    re.compile(r"^pyarrow/(libarrow_flight|_flight|libarrow_python_flight|flight\.py)"),
+    re.compile(r"^pyarrow/_pyarrow_cpp_tests"),
     re.compile(r"^pyarrow/src/"),
 )
 
@@ -221,7 +223,8 @@ def runtime_version(name: str, python: str, architecture: str, dists: dict[str, 
                     self_files: list[tuple[Path, str]]) -> str:
     """A short hash naming this exact runtime (changes whenever its content would)."""
     h = hashlib.sha256()
-    h.update(json.dumps([name, python, architecture, sorted(dists.items())]).encode())
+    h.update(json.dumps([BUILDER_VERSION, name, python, architecture,
+                         sorted(dists.items())]).encode())
     for src, rel in self_files:
         h.update(rel.encode())
         h.update(src.read_bytes())
@@ -446,7 +449,7 @@ def _pack_layers(files: list[tuple[Path, str]], tmp: Path, zip_limit: int) -> li
 def _cached_layers(extra: dict, python: str, architecture: str, files, root: Path,
                    zip_limit: int) -> list[Path]:
     """Layer zips of the extra packages, shared by every runtime with the same extras."""
-    key = hashlib.sha256(json.dumps([python, architecture, zip_limit, sorted(
+    key = hashlib.sha256(json.dumps([BUILDER_VERSION, python, architecture, zip_limit, sorted(
         (k, d.version) for k, d in extra.items())]).encode()).hexdigest()[:10]
     d = root / f"layers-{key}"
     done = d / ".complete"

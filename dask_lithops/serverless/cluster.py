@@ -358,6 +358,33 @@ class ServerlessCluster(LithopsCluster):
     def _on_worker_removed(self, name: str) -> None:
         self._addresses.pop(name, None)
         self.usage_tracker.ended(name, self._exit_reports.get(name))
+        if name in self.worker_spec and self.status == Status.running:
+            self._replace_lost(name)
+
+    def _replace_lost(self, name: str) -> None:
+        """A worker left on its own (crash, out of memory): keep the requested count."""
+        now = time.monotonic()
+        self._lost = [t for t in getattr(self, "_lost", []) if now - t < 60] + [now]
+        if len(self._lost) > 2 * len(self.worker_spec) + 3:
+            logger.error("workers keep failing (%d in the last minute); not replacing %s: "
+                         "see the function's logs", len(self._lost), name)
+            return
+        spec = self.worker_spec.pop(name)
+        launcher = self.workers.pop(name, None)
+        new_name = next(iter(self.new_worker_spec()))
+        self.worker_spec[new_name] = spec
+        logger.warning("worker %s left unexpectedly; starting %s instead", name, new_name)
+        if isinstance(launcher, LambdaWorker):
+            self._retiring[name] = launcher
+
+            async def _forget():
+                try:
+                    await launcher.close()
+                finally:
+                    self._retiring.pop(name, None)
+
+            asyncio.ensure_future(_forget())
+        self._correct_state()
 
     def _on_exit_report(self, report: dict | None = None, **kwargs) -> None:
         report = report or {}

@@ -1,0 +1,130 @@
+"""``dask-lithops runtime build|deploy|list|delete`` (verbs after Lithops')."""
+
+from __future__ import annotations
+
+import click
+
+
+def _backend(endpoint_url, memory=None, timeout=None):
+    from dask_lithops import config
+    from dask_lithops.serverless.backends.aws_lambda import AWSLambdaBackend, resolve_config
+
+    try:
+        cfg = resolve_config(endpoint_url=endpoint_url, runtime_memory=memory,
+                             runtime_timeout=timeout)
+        return AWSLambdaBackend(cfg), cfg
+    except config.ConfigError as e:
+        raise click.ClickException(str(e))
+
+
+def _build(name, extra_packages, requirements_file, architecture, force):
+    from dask_lithops.runtime.builder import RuntimeBuildError, build_runtime
+    from dask_lithops.serverless.backends.aws_lambda import resolve_config
+
+    cfg = resolve_config()
+    try:
+        return build_runtime(
+            name or cfg.get("runtime") or "default",
+            extra_packages=list(extra_packages) or cfg.get("extra_packages") or [],
+            requirements_file=requirements_file or cfg.get("requirements_file"),
+            architecture=architecture or cfg["architecture"], force=force, log=click.echo)
+    except RuntimeBuildError as e:
+        raise click.ClickException(str(e))
+
+
+_common = [
+    click.argument("name", required=False),
+    click.option("--extra-packages", "-e", multiple=True,
+                 help="pip names of user libraries to add (repeatable)"),
+    click.option("--requirements", "requirements_file", default=None,
+                 help="a requirements file of user libraries"),
+    click.option("--architecture", type=click.Choice(["x86_64", "arm64"]), default=None),
+    click.option("--force", is_flag=True, help="rebuild even if cached"),
+]
+
+
+def _with_common(f):
+    for deco in reversed(_common):
+        f = deco(f)
+    return f
+
+
+@click.group("runtime")
+def runtime():
+    """Build and manage function runtimes (serverless mode)."""
+
+
+@runtime.command("build")
+@_with_common
+def build(name, extra_packages, requirements_file, architecture, force):
+    """Build the deployment package: dask-lithops + the client's exact versions."""
+    pkg = _build(name, extra_packages, requirements_file, architecture, force)
+    click.echo(f"runtime {pkg.name} version {pkg.version} (python{pkg.python}, "
+               f"{pkg.architecture}): {pkg.zipped_bytes / 2**20:.1f} MB zipped, "
+               f"{pkg.unzipped_bytes / 2**20:.1f} MB unzipped")
+    click.echo(f"  function zip: {pkg.function_zip}")
+    for p in pkg.layer_zips:
+        click.echo(f"  layer: {p}")
+
+
+@runtime.command("deploy")
+@_with_common
+@click.option("--memory", type=int, default=None, help="runtime_memory in MB")
+@click.option("--timeout", type=int, default=None, help="runtime_timeout in seconds")
+@click.option("--endpoint-url", default=None, help="Lambda API endpoint (e.g. the emulator)")
+def deploy(name, extra_packages, requirements_file, architecture, force, memory, timeout,
+           endpoint_url):
+    """Build (if needed) and deploy a runtime as a function (one per runtime and memory)."""
+    backend, cfg = _backend(endpoint_url, memory, timeout)
+    pkg = _build(name, extra_packages, requirements_file, architecture, force)
+    fn = backend.get_runtime_key(pkg.name, cfg["runtime_memory"], pkg.version)
+    if backend.get_runtime_info(fn) is not None:
+        if not force:
+            click.echo(f"{fn} already deployed")
+            return
+        backend.delete_runtime(fn)
+    info = backend.deploy_runtime(pkg, cfg["runtime_memory"], cfg["runtime_timeout"])
+    click.echo(f"deployed {info.function_name} ({info.memory} MB, timeout {info.timeout}s)")
+
+
+@runtime.command("list")
+@click.argument("name", required=False)
+@click.option("--endpoint-url", default=None)
+def list_(name, endpoint_url):
+    """Deployed dask-lithops runtimes."""
+    backend, _ = _backend(endpoint_url)
+    rows = backend.list_runtimes(name)
+    click.echo(f"{'runtime':<20} {'version':<11} {'memory':>7} {'timeout':>7}  function")
+    for r in rows:
+        click.echo(f"{r.runtime_name:<20} {r.version:<11} {r.memory:>6}M {r.timeout or '':>6}s  "
+                   f"{r.function_name}")
+    click.echo(f"total: {len(rows)}")
+
+
+@runtime.command("delete")
+@click.argument("name")
+@click.option("--memory", type=int, default=None, help="only this memory size")
+@click.option("--endpoint-url", default=None)
+def delete(name, memory, endpoint_url):
+    """Delete a runtime's functions (all memory sizes and versions unless --memory)."""
+    backend, _ = _backend(endpoint_url)
+    from dask_lithops.serverless.backends.base import sanitize_runtime_name
+
+    n = 0
+    for r in backend.list_runtimes(sanitize_runtime_name(name)):
+        if memory is None or r.memory == memory:
+            backend.delete_runtime(r.function_name)
+            click.echo(f"deleted {r.function_name}")
+            n += 1
+    if not n:
+        click.echo(f"no deployed runtime {name!r}")
+
+
+@runtime.command("clean")
+@click.option("--endpoint-url", default=None)
+@click.confirmation_option(prompt="Delete every dask-lithops function and layer?")
+def clean(endpoint_url):
+    """Delete every dask-lithops function and layer (nothing else)."""
+    backend, _ = _backend(endpoint_url)
+    for x in backend.clean():
+        click.echo(f"deleted {x}")

@@ -1,0 +1,285 @@
+"""ServerlessCluster(backend="aws_lambda") against the offline Lambda emulator.
+
+Functions run as real awslambdaric processes in outbound-only namespaces (they
+accept no inbound connection): workers reach the scheduler and each other only
+through the relay.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import re
+import time
+import zipfile
+
+import pytest
+
+pytest.importorskip("boto3")
+pytest.importorskip("awslambdaric")
+
+from distributed import Client  # noqa: E402
+from distributed.diagnostics.plugin import SchedulerPlugin  # noqa: E402
+
+from dask_lithops import config  # noqa: E402
+from dask_lithops.payload import RuntimeMismatch  # noqa: E402
+from dask_lithops.serverless import ServerlessCluster  # noqa: E402
+
+EXTRA = ["pandas", "pyarrow", "numpy"]
+pytestmark = pytest.mark.timeout(300)
+
+
+def _sandbox_reason():
+    if os.geteuid() != 0:
+        return "needs root (network namespaces for outbound-only sandboxes)"
+    from dask_lithops.testing.lambda_emulator import sandbox_unavailable
+
+    return sandbox_unavailable()
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    reason = _sandbox_reason()
+    if reason:
+        pytest.skip(f"Lambda emulator sandboxes unavailable: {reason}")
+    from dask_lithops.testing.lambda_emulator import LambdaEmulator
+
+    with LambdaEmulator(sandbox=True) as emu:
+        yield emu
+
+
+@pytest.fixture(scope="module")
+def runtime_package():
+    """The runtime zip, built once (cached under ~/.cache/dask-lithops/runtimes)."""
+    from dask_lithops.runtime.builder import build_runtime
+
+    return build_runtime("default", extra_packages=EXTRA)
+
+
+def make_cluster(emu, **kwargs):
+    kwargs.setdefault("runtime_memory", 1024)
+    kwargs.setdefault("runtime_timeout", 120)
+    kwargs.setdefault("extra_packages", EXTRA)
+    kwargs.setdefault("dashboard_address", None)
+    return ServerlessCluster(endpoint_url=emu.endpoint_url, contact_address=emu.host_address,
+                             **kwargs)
+
+
+def busy_environments(emu, function=None):
+    return [e for e in emu.environments if e.state in ("busy", "starting")
+            and (function is None or e.function == function)]
+
+
+def wait_no_busy(emu, function, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while busy_environments(emu, function) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return busy_environments(emu, function)
+
+
+class RecomputeCounter(SchedulerPlugin):
+    name = "recompute-counter"
+
+    def __init__(self):
+        self.counts = collections.Counter()
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        if start == "processing" and finish == "memory":
+            self.counts[key] += 1
+
+
+# --------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"runtime_memory": 64}, r"runtime_memory = 64 is invalid; allowed: .*128.*10240"),
+    ({"runtime_memory": 20000}, r"runtime_memory = 20000 is invalid"),
+    ({"runtime_timeout": 901}, r"runtime_timeout = 901 is invalid; allowed: .*900"),
+    ({"ephemeral_storage": 100}, r"ephemeral_storage = 100 is invalid"),
+    ({"architecture": "sparc"}, r"architecture = 'sparc' is invalid"),
+    ({"backend": "nope"}, r"backend = 'nope' is invalid"),
+])
+def test_bad_input_fails_before_anything(kwargs, message):
+    with pytest.raises(config.ConfigError, match=message):
+        ServerlessCluster(endpoint_url="http://127.0.0.1:9", contact_address="127.0.0.1",
+                          **kwargs)
+
+
+def test_real_aws_needs_region_role_and_contact_address(monkeypatch):
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    with pytest.raises(config.ConfigError, match=r"region .* is required"):
+        ServerlessCluster(contact_address="127.0.0.1")
+    with pytest.raises(config.ConfigError, match=r"execution_role is required"):
+        ServerlessCluster(region="eu-west-1", contact_address="127.0.0.1")
+    with pytest.raises(config.ConfigError, match=r"contact_address is required"):
+        ServerlessCluster(region="eu-west-1", execution_role="arn:aws:iam::1:role/x")
+
+
+def test_payload_too_big_fails_before_invoking(emulator, runtime_package):
+    import dask
+
+    before = len([i for i in emulator.invocations() if i.kind == "Event"])
+    with dask.config.set({"huge-user-setting": "x" * 2_000_000}):
+        with pytest.raises(Exception, match=r"launch payload is \d+ bytes, over .* limit"):
+            make_cluster(emulator, n_workers=1)
+    assert len([i for i in emulator.invocations() if i.kind == "Event"]) == before
+
+
+# --------------------------------------------------------------------- work
+
+
+def test_delayed_dataframe_array(emulator, runtime_package):
+    import dask
+    import dask.array as da
+    import dask.dataframe as dd
+    import numpy as np
+    import pandas as pd
+
+    cluster = make_cluster(emulator)
+    fn = cluster.function_name
+    assert fn.startswith("dask-lithops-default-") and fn.endswith("-1024MB")
+    with cluster, Client(cluster) as client:
+        t0 = time.monotonic()
+        cluster.scale(2)
+        assert time.monotonic() - t0 < 1.0  # scale() returns at once
+        client.wait_for_workers(2, timeout=60)
+        info = client.scheduler_info()["workers"]
+        assert all(a.startswith("relay://") for a in info)
+        assert {w["name"] for w in info.values()} == set(cluster.worker_spec)
+        assert all(w["memory_limit"] == 1024 * 2**20 for w in info.values())
+        assert cluster.scheduler_address.startswith("tls://")
+
+        # dask.delayed
+        parts = [dask.delayed(lambda i: i * i)(i) for i in range(20)]
+        assert dask.delayed(sum)(parts).compute() == sum(i * i for i in range(20))
+
+        # dataframe groupby with a p2p shuffle (workers exchange data through the relay)
+        pdf = pd.DataFrame({"k": np.arange(4000) % 37, "v": np.arange(4000.0)})
+        ddf = dd.from_pandas(pdf, npartitions=8)
+        with dask.config.set({"dataframe.shuffle.method": "p2p"}):
+            got = ddf.groupby("k").v.sum(split_out=4).compute().sort_index()
+            shuffled = ddf.shuffle("k").compute()
+        pd.testing.assert_series_equal(got, pdf.groupby("k").v.sum().sort_index(),
+                                       check_names=False)
+        assert len(shuffled) == len(pdf)
+
+        # array reduction
+        x = da.arange(1_000_000, chunks=100_000)
+        assert int((x * 2).sum().compute()) == 2 * sum(range(1_000_000))
+    # close(): every invocation has returned, nothing runs or bills
+    assert wait_no_busy(emulator, fn) == []
+    usage = cluster.usage()
+    assert usage["invocations"] == 2 and usage["running"] == 0
+    assert usage["gb_seconds"] > 0 and usage["estimated_cost_usd"] > 0
+    assert all(r["reason"] for r in usage["workers"])
+
+
+def test_adapt_from_zero_and_back(emulator, runtime_package):
+    cluster = make_cluster(emulator)
+    fn = cluster.function_name
+    with cluster, Client(cluster) as client:
+        cluster.adapt(minimum=0, maximum=2, interval="300ms", wait_count=3,
+                      target_duration="1s")
+        assert len(client.scheduler_info()["workers"]) == 0
+        futures = client.map(lambda i: (time.sleep(0.5), i)[1], range(12))
+        assert client.gather(futures) == list(range(12))
+        grown = len(cluster.usage_tracker.records)
+        assert grown >= 1
+        del futures
+        deadline = time.monotonic() + 60
+        while (cluster.worker_spec or client.scheduler_info()["workers"]) and \
+                time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert not cluster.worker_spec and not client.scheduler_info()["workers"]
+        assert wait_no_busy(emulator, fn) == []
+    assert wait_no_busy(emulator, fn) == []
+
+
+def test_rotation_outlives_the_function_timeout(emulator, runtime_package):
+    """runtime_timeout=20s, computation > 80s: workers rotate, no key is lost or recomputed."""
+    import numpy as np
+
+    cluster = make_cluster(emulator, runtime_memory=1152, runtime_timeout=20)
+    fn = cluster.function_name
+    counter = RecomputeCounter()
+    cluster.scheduler.add_plugin(counter, name=counter.name)
+
+    def step(prev, i):
+        time.sleep(1.0)
+        return prev + np.full(10_000, i, dtype="int64")  # data held across rotations
+
+    with cluster, Client(cluster) as client:
+        cluster.scale(2)
+        client.wait_for_workers(2, timeout=60)
+        t0 = time.monotonic()
+        futures = [client.submit(np.zeros, 10_000, dtype="int64", pure=False)]
+        for i in range(1, 85):
+            futures.append(client.submit(step, futures[-1], i, pure=False))
+        results = client.gather(futures)
+        elapsed = time.monotonic() - t0
+        assert elapsed >= 80
+        for i, r in enumerate(results):
+            assert int(r[0]) == i * (i + 1) // 2
+        assert max(counter.counts.values()) == 1, {
+            k: v for k, v in counter.counts.items() if v > 1}
+        assert len(cluster.worker_spec) == 2
+        invocations = len(cluster.usage_tracker.records)
+        assert invocations >= 2 + 2 * 4  # each slot rotated at least 4 times
+        # no invocation hit the platform's timeout: each retired itself in time
+        timedout = [i for i in emulator.invocations(fn) if i.status == "timedout"]
+        assert not timedout
+    assert wait_no_busy(emulator, fn) == []
+
+
+def test_throttling_below_requested_count_still_completes(emulator, runtime_package):
+    cluster = make_cluster(emulator, runtime_memory=1088)
+    fn = cluster.function_name
+    lam = emulator.client()
+    lam.put_function_concurrency(FunctionName=fn, ReservedConcurrentExecutions=1)
+    try:
+        with cluster, Client(cluster) as client:
+            cluster.scale(3)
+            client.wait_for_workers(1, timeout=60)
+            futures = client.map(lambda i: i + 1, range(50))
+            assert sum(client.gather(futures)) == sum(range(1, 51))
+            assert len(client.scheduler_info()["workers"]) == 1
+        assert wait_no_busy(emulator, fn) == []
+    finally:
+        lam.delete_function_concurrency(FunctionName=fn)
+    # the queued invocations start after close, find no scheduler and end at once
+    assert wait_no_busy(emulator, fn, timeout=30) == []
+
+
+def test_runtime_version_mismatch_is_a_clear_error(emulator, runtime_package):
+    """A function deployed under the expected name with other versions: error, never a hang."""
+    from dask_lithops.serverless.backends.aws_lambda import AWSLambdaBackend, resolve_config
+
+    memory = 896
+    backend = AWSLambdaBackend(resolve_config(endpoint_url=emulator.endpoint_url,
+                                              runtime_memory=memory, runtime_timeout=120))
+    # a stale runtime: msgpack's metadata says another version
+    src = zipfile.ZipFile(runtime_package.function_zip)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as out:
+        for item in src.infolist():
+            data = src.read(item)
+            name = item.filename
+            if re.match(r"msgpack-[^/]+\.dist-info/METADATA$", name):
+                data = re.sub(rb"(?m)^Version: .*$", b"Version: 0.0.1", data)
+            out.writestr(item, data)
+    stale = runtime_package.__class__(**{**runtime_package.__dict__})
+    path = os.path.join(os.path.dirname(runtime_package.function_zip), "stale-test.zip")
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+    stale.function_zip = path
+    try:
+        backend.deploy_runtime(stale, memory, 120)
+    finally:
+        os.unlink(path)
+    events_before = len([i for i in emulator.invocations() if i.kind == "Event"])
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeMismatch, match=r"msgpack: client \S+, function \S+ 0\.0\.1"):
+        make_cluster(emulator, runtime_memory=memory, n_workers=2)
+    assert time.monotonic() - t0 < 60
+    assert len([i for i in emulator.invocations() if i.kind == "Event"]) == events_before
