@@ -244,11 +244,11 @@ def test_throttling_below_requested_count_still_completes(emulator, runtime_pack
             futures = client.map(lambda i: i + 1, range(50))
             assert sum(client.gather(futures)) == sum(range(1, 51))
             assert len(client.scheduler_info()["workers"]) == 1
-        assert wait_no_busy(emulator, fn) == []
     finally:
         lam.delete_function_concurrency(FunctionName=fn)
     # the queued invocations start after close, find no scheduler and end at once
-    assert wait_no_busy(emulator, fn, timeout=30) == []
+    assert wait_no_busy(emulator, fn, timeout=40) == []
+    assert not [i for i in emulator.invocations(fn) if i.status == "timedout"]
 
 
 def test_runtime_version_mismatch_is_a_clear_error(emulator, runtime_package):

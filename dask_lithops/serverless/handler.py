@@ -102,15 +102,17 @@ async def _run(event: dict, context, start: float) -> dict:
 
 async def _scheduler_reachable(payload, security, timeout: float = 10.0) -> bool:
     """A worker event that starts after its cluster closed must end at once."""
-    from distributed.comm import connect
+    from distributed.comm.addressing import parse_address, parse_host_port
 
+    host, port = parse_host_port(parse_address(payload.scheduler_address)[1])
     deadline = time.monotonic() + min(timeout, payload.death_timeout or timeout)
-    args = security.get_connection_args("worker")
     while True:
         try:
-            comm = await connect(payload.scheduler_address, timeout=5, **args)
-            await comm.close()
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 3)
+            writer.close()
             return True
+        except ConnectionRefusedError:
+            return False  # the host answers: nothing listens there any more
         except (OSError, asyncio.TimeoutError):
             if time.monotonic() > deadline:
                 return False
