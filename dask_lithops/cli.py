@@ -81,7 +81,9 @@ def _is_secret(key: str) -> bool:
 @click.option("--backend", "-b", default=None, help="aws_lambda, ssh, aws_ec2, ...")
 @click.option("--workers", "-n", default=None, type=int, help="number of workers")
 @click.option("--tasks", default=100, show_default=True, help="size of the map")
-def hello(mode, backend, workers, tasks):
+@click.option("--usage", is_flag=True, help="print the GB-seconds usage report on close "
+              "(serverless)")
+def hello(mode, backend, workers, tasks, usage):
     """Start the configured cluster, run a small map, print the result and timings."""
     from distributed import Client
 
@@ -114,6 +116,8 @@ def hello(mode, backend, workers, tasks):
                    f"(expected {sum(i * i for i in range(tasks))}), computed on {len(hosts)} "
                    f"worker(s) in {t2 - t1:.2f}s")
     click.echo(f"Closed in {time.perf_counter() - t2:.2f}s; total {time.perf_counter() - t0:.2f}s")
+    if usage and hasattr(cluster, "usage_tracker"):
+        click.echo(f"Usage: {cluster.usage_tracker.summary()}")
     if total != sum(i * i for i in range(tasks)):
         sys.exit(1)
 
