@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import os
+import re
 import zipfile
 
 import pytest
@@ -58,12 +59,12 @@ def test_cli_build_deploy_list_delete(core_package):
     cli = CliRunner()
     r = cli.invoke(runtime, ["build"])
     assert r.exit_code == 0, r.output
-    assert core_package.version in r.output
+    version = re.search(r"runtime default version ([0-9a-f]{10})", r.output).group(1)
     with LambdaEmulator(sandbox=True) as emu:
         url = ["--endpoint-url", emu.endpoint_url]
         r = cli.invoke(runtime, ["deploy", "--memory", "512", "--timeout", "60", *url])
         assert r.exit_code == 0, r.output
-        fn = f"dask-lithops-default-{core_package.version}-512MB"
+        fn = f"dask-lithops-default-{version}-512MB"
         assert f"deployed {fn}" in r.output
         r = cli.invoke(runtime, ["list", *url])
         assert fn in r.output and "total: 1" in r.output
