@@ -195,10 +195,15 @@ def _self_files() -> list[tuple[Path, str]]:
     out = []
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root.parent).as_posix()
-        if p.is_file() and "__pycache__" not in rel and not rel.startswith("dask_lithops/testing/") \
-                and p.suffix in (".py", ".yaml", ".json", ".typed"):
+        if p.is_file() and "__pycache__" not in rel and p.suffix in (".py", ".yaml", ".json") \
+                and not rel.startswith(_SELF_EXCLUDE):
             out.append((p, rel))
     return out
+
+
+# Parts of dask_lithops a function never imports (client-side only).
+_SELF_EXCLUDE = ("dask_lithops/testing/", "dask_lithops/standalone/", "dask_lithops/runtime/",
+                 "dask_lithops/cli.py", "dask_lithops/relay/cli.py")
 
 
 def _self_metadata(version: str) -> dict[str, bytes]:
