@@ -1,6 +1,6 @@
 """relay:// vs direct TCP, side by side: worker-to-worker throughput and small-message latency.
 
-    .venv/bin/python benchmarks/relay.py [--tls] [--reps 5] [--sizes 1,10,100]
+    .venv/bin/python benchmarks/relay.py [--tls] [--buffered] [--reps 5] [--sizes 1,10,100]
 
 One scheduler (in this process) and four ``dask worker`` processes on
 loopback: two listening directly on tcp://127.0.0.1 and two behind a
@@ -11,7 +11,9 @@ the worker's connection pool, i.e. what ``gather_dep`` does), so it includes
 serialization and framing exactly as a real dependency fetch does.
 
 Prints medians and the relay/direct ratios; targets: throughput >= 0.7x direct
-for 10-100 MB objects, latency <= 2x direct.  Exit status 0 either way (a
+for 10-100 MB objects, latency <= 2x direct.  Also the relay process's CPU time
+per GB it forwarded (Linux).  ``--buffered`` runs the relay with its zero-copy
+``os.splice`` path turned off, for comparison.  Exit status 0 either way (a
 benchmark, not a test).
 """
 
@@ -34,6 +36,7 @@ from distributed import Client, Scheduler, Security
 
 from dask_lithops.relay import relay_security
 from dask_lithops.relay.protocol import TOKEN_ENV
+from dask_lithops.relay.server import ZERO_COPY_AVAILABLE, ZERO_COPY_ENV
 
 DASK = os.path.join(os.path.dirname(sys.executable), "dask")
 HOST = "127.0.0.1"
@@ -66,8 +69,20 @@ async def _ping(dask_worker, peer: str, reps: int) -> list[float]:
     return times[10:]
 
 
-def _start_relay(token: str, logdir: str) -> tuple[subprocess.Popen, str]:
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc), None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _start_relay(token: str, logdir: str, buffered: bool) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, **{TOKEN_ENV: token})
+    if buffered:
+        env[ZERO_COPY_ENV] = "0"
     err = open(os.path.join(logdir, "relay.log"), "w")
     proc = subprocess.Popen([sys.executable, "-m", "dask_lithops.relay.cli", "--host", HOST,
                              "--port", "0", "--log-level", "WARNING"],
@@ -97,7 +112,7 @@ async def main(args) -> None:
     base = Security.temporary() if args.tls else None
     sec = relay_security(token, base)
     tls_args = _tls_files(base, tmp) if args.tls else []
-    relay_proc, relay_addr = _start_relay(token, tmp)
+    relay_proc, relay_addr = _start_relay(token, tmp, args.buffered)
     procs = []
     try:
         async with Scheduler(host=HOST, port=0, dashboard_address=":0", security=sec,
@@ -120,10 +135,13 @@ async def main(args) -> None:
             addr = {w["name"]: a for a, w in info.items()}
 
             mode = "TLS" if args.tls else "plain"
-            print(f"relay:// vs direct ({mode}), loopback, {os.cpu_count()} CPUs, "
-                  f"distributed {__import__('distributed').__version__}")
+            forwarding = ("zero-copy splice" if ZERO_COPY_AVAILABLE and not args.buffered
+                          else "buffered copy")
+            print(f"relay:// vs direct ({mode}, relay: {forwarding}), loopback, "
+                  f"{os.cpu_count()} CPUs, distributed {__import__('distributed').__version__}")
             print(f"{'measure':<26}{'direct':>14}{'relay':>14}{'ratio':>9}  target")
             results = {}
+            relay_cpu = relayed = 0
 
             async def fetch(kind, key, reps):
                 src, dst = addr[f"{kind}-a"], addr[f"{kind}-b"]
@@ -141,7 +159,11 @@ async def main(args) -> None:
                 times = {"direct": [], "relay": []}
                 for _ in range(reps):  # interleaved, so load changes hit both alike
                     for kind in ("direct", "relay"):
+                        cpu0 = _cpu_seconds(relay_proc.pid) if kind == "relay" else None
                         times[kind] += await fetch(kind, futs[kind].key, 1)
+                        if cpu0 is not None:
+                            relay_cpu += _cpu_seconds(relay_proc.pid) - cpu0
+                            relayed += nbytes
                 await client.cancel(list(futs.values()))
                 row = {k: nbytes / statistics.median(v) / 1e6 for k, v in times.items()}
                 ratio = row["relay"] / row["direct"]
@@ -151,6 +173,9 @@ async def main(args) -> None:
                       f"{row['relay']:>14.0f}{ratio:>9.2f}  {target} {ok}", flush=True)
                 results[f"throughput_{mb}MB"] = ratio
 
+            if relayed:
+                print(f"{'relay CPU (s per GB)':<26}{'':>14}{relay_cpu / (relayed / 2**30):>14.2f}"
+                      "           (throughput runs)", flush=True)
             lat = {"direct": [], "relay": []}
             for _ in range(5):
                 for kind in ("direct", "relay"):
@@ -181,6 +206,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tls", action="store_true", help="TLS for everything (end to end "
                     "through the relay)")
+    ap.add_argument("--buffered", action="store_true", help="relay without its zero-copy "
+                    "splice path (the fallback used where os.splice is missing)")
     ap.add_argument("--sizes", default="1,10,100", help="object sizes in MB")
     ap.add_argument("--reps", type=int, default=5, help="repetitions per size (x4 for < 10 MB)")
     ap.add_argument("--pings", type=int, default=500, help="round trips for latency")

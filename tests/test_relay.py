@@ -34,7 +34,7 @@ import pandas as pd
 import pytest
 from distributed import Client, LocalCluster, Nanny, Scheduler, Security, Worker, wait
 from distributed.comm import connect, listen
-from distributed.comm.core import FatalCommClosedError
+from distributed.comm.core import CommClosedError, FatalCommClosedError
 
 from dask_lithops.relay import (
     RelayServer,
@@ -43,7 +43,13 @@ from dask_lithops.relay import (
     worker_addresses,
 )
 from dask_lithops.relay.comm import RelayBackend, RelayTCP, RelayTLS
-from dask_lithops.relay.protocol import TOKEN_ENV
+from dask_lithops.relay.protocol import (
+    TOKEN_ENV,
+    client_handshake,
+    open_relay_socket,
+    recv_frame,
+)
+from dask_lithops.relay.server import ZERO_COPY_AVAILABLE
 from dask_lithops.testing.netns import Bridge, NetnsHost, netns_available, nft_available
 
 TOKEN = "t0ken-" + uuid.uuid4().hex
@@ -51,6 +57,12 @@ WRONG = "wr0ng-" + uuid.uuid4().hex
 DASK = os.path.join(os.path.dirname(sys.executable), "dask")
 
 pytestmark = pytest.mark.timeout(120)
+
+# Both ways the relay forwards bytes: os.splice (Linux) and the buffered copy.
+copy_modes = pytest.mark.parametrize("zero_copy", [
+    pytest.param(True, id="zero-copy", marks=pytest.mark.skipif(
+        not ZERO_COPY_AVAILABLE, reason="os.splice not available")),
+    pytest.param(False, id="buffered")])
 
 
 @pytest.fixture(autouse=True)
@@ -179,6 +191,9 @@ def test_tls_end_to_end_relay_sees_only_ciphertext():
                 x = c.submit(operator.mul, marker, 20_000, workers=[wa.address])
                 y = c.submit(lambda b: b.count(marker), x, workers=[wb.address])
                 assert await y == 20_000
+                # the tap sees every byte because it keeps streams on the buffered copy
+                assert relay.stats()["streams"] > 0
+                assert relay.stats()["zero_copy_streams"] == 0
                 comm = await connect(wa.address, **sec.get_connection_args("client"))
                 assert isinstance(comm, RelayTLS) and comm.extra_info["cipher"]
                 await comm.close()
@@ -203,7 +218,8 @@ async def _echo_listener(relay: RelayServer, wid: str, handler):
     return listener
 
 
-def test_backpressure_bounds_relay_memory():
+@copy_modes
+def test_backpressure_bounds_relay_memory(zero_copy):
     high = chunk = 64 * 1024
     bound = 2 * (high + chunk)  # per direction worst case, see RelayServer docstring
     payload = np.random.default_rng(0).integers(0, 255, 64 * 2**20, dtype=np.uint8)
@@ -215,12 +231,13 @@ def test_backpressure_bounds_relay_memory():
             stalled.set_result(comm)  # ... and do not read for now
 
         async with RelayServer("127.0.0.1", 0, token=TOKEN, high_water=high,
-                               chunk_size=chunk) as relay:
+                               chunk_size=chunk, zero_copy=zero_copy) as relay:
             listener = await _echo_listener(relay, "sink", handler)
             try:
                 comm = await connect(listener.contact_address,
                                      extra_conn_args={"relay_token": TOKEN})
                 server_comm = await stalled
+                assert relay.stats()["zero_copy_streams"] == int(zero_copy)
                 writer = asyncio.create_task(comm.write(payload))
                 peak = 0
                 for _ in range(20):
@@ -258,6 +275,7 @@ def test_thousand_simultaneous_streams():
                     connect(listener.contact_address, timeout=60,
                             extra_conn_args={"relay_token": TOKEN}) for _ in range(n)))
                 assert relay.stats()["streams"] == n
+                assert relay.stats()["zero_copy_streams"] == (n if ZERO_COPY_AVAILABLE else 0)
                 peak = 0
 
                 async def roundtrip(i, comm):
@@ -280,6 +298,149 @@ def test_thousand_simultaneous_streams():
                 assert relay.stats()["streams"] == 0
             finally:
                 listener.stop()
+    asyncio.run(main())
+
+
+async def _raw_stream(relay: RelayServer, wid: str):
+    """(control, caller, worker side) raw sockets of one stream spliced by *relay*."""
+    host, port = relay.address.rsplit(":", 1)
+    ctrl = await open_relay_socket(host, int(port))
+    await client_handshake(ctrl, TOKEN, "register", wid)
+    caller = await open_relay_socket(host, int(port))
+    connecting = asyncio.create_task(client_handshake(caller, TOKEN, "connect", wid))
+    dial = await recv_frame(asyncio.get_running_loop(), ctrl)
+    assert dial["op"] == "dial"
+    worker = await open_relay_socket(host, int(port))
+    await client_handshake(worker, TOKEN, "accept", wid, dial["conn"])
+    await connecting
+    return ctrl, caller, worker
+
+
+async def _recv_to_eof(sock) -> bytes:
+    loop = asyncio.get_running_loop()
+    out = bytearray()
+    while chunk := await loop.sock_recv(sock, 1 << 20):
+        out += chunk
+    return bytes(out)
+
+
+async def _until(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+@copy_modes
+def test_half_close_and_teardown(zero_copy):
+    rng = np.random.default_rng(1)
+    request = rng.integers(0, 255, 5 * 2**20, dtype=np.uint8).tobytes()
+    reply = rng.integers(0, 255, 3 * 2**20, dtype=np.uint8).tobytes()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        async with RelayServer("127.0.0.1", 0, token=TOKEN, zero_copy=zero_copy) as relay:
+            ctrl, caller, worker = await _raw_stream(relay, "hc")
+            assert relay.stats()["zero_copy_streams"] == int(zero_copy)
+            # caller -> worker, then the caller's FIN is passed on ...
+            reading = asyncio.create_task(_recv_to_eof(worker))
+            await loop.sock_sendall(caller, request)
+            caller.shutdown(socket.SHUT_WR)
+            assert await asyncio.wait_for(reading, 30) == request
+            # ... while the other direction keeps working
+            assert relay.stats()["streams"] == 1
+            reading = asyncio.create_task(_recv_to_eof(caller))
+            await loop.sock_sendall(worker, reply)
+            worker.shutdown(socket.SHUT_WR)
+            assert await asyncio.wait_for(reading, 30) == reply
+            # both directions shut: the relay lets go of the stream
+            await _until(lambda: relay.stats()["streams"] == 0)
+            assert relay.stats()["connections"] == 1  # the control connection
+            caller.close()
+            worker.close()
+
+            # an abortive close (RST) on one end closes the other end at once
+            _, caller, worker = await _raw_stream(relay, "hc")
+            await loop.sock_sendall(caller, b"x" * 1000)
+            worker.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            worker.close()
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(_recv_to_eof(caller), 10) == b""
+            await _until(lambda: relay.stats()["streams"] == 0)
+            caller.close()
+
+            # closing the relay closes its live streams
+            _, caller, worker = await _raw_stream(relay, "hc")
+            await loop.sock_sendall(caller, b"ping")
+            assert await loop.sock_recv(worker, 10) == b"ping"
+        for sock in (caller, worker):
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(_recv_to_eof(sock), 10) == b""
+            sock.close()
+        ctrl.close()
+    asyncio.run(main())
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+@copy_modes
+def test_no_fd_leak_after_200_streams(zero_copy):
+    n = 200
+
+    async def main():
+        async def echo(comm):
+            try:
+                while True:
+                    msg = await comm.read()
+                    if isinstance(msg, str) and msg == "bye":
+                        break  # this end closes first
+                    await comm.write(msg)
+            except CommClosedError:
+                pass  # the caller went away
+            comm.abort()
+
+        before = _open_fds()
+        relay = await RelayServer("127.0.0.1", 0, token=TOKEN, zero_copy=zero_copy)
+        listener = await _echo_listener(relay, "fds", echo)
+        try:
+            comms = await asyncio.gather(*(
+                connect(listener.contact_address, timeout=30,
+                        extra_conn_args={"relay_token": TOKEN}) for _ in range(n)))
+            assert relay.stats()["streams"] == n
+            assert relay.stats()["zero_copy_streams"] == (n if zero_copy else 0)
+            for i, comm in enumerate(comms):
+                payload = np.full(100_000, i % 251, dtype=np.uint8)
+                await comm.write(payload)
+                assert np.array_equal(await comm.read(), payload)
+            # every way a stream ends: caller closes, caller aborts, worker side closes
+            for i, comm in enumerate(comms):
+                if i % 3 == 0:
+                    await comm.close()
+                elif i % 3 == 1:
+                    comm.abort()
+                else:
+                    await comm.write("bye")
+                    with pytest.raises(CommClosedError):
+                        await comm.read()
+                    comm.abort()
+            await _until(lambda: relay.stats()["streams"] == 0)
+            # and streams still open when the relay itself goes away
+            comms = await asyncio.gather(*(
+                connect(listener.contact_address, timeout=30,
+                        extra_conn_args={"relay_token": TOKEN}) for _ in range(10)))
+        finally:
+            listener.stop()
+            await relay.close()
+        for comm in comms:
+            with pytest.raises(CommClosedError):
+                await comm.read()
+            comm.abort()
+        await _until(lambda: _open_fds() <= before)
+        assert _open_fds() == before
+
     asyncio.run(main())
 
 

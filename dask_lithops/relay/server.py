@@ -6,12 +6,22 @@ relay (``connect``); the relay sends ``dial`` over the worker's control
 connection, the worker opens a fresh connection back (``accept``) and from
 then on the relay copies bytes between the two sockets and nothing else.
 
-Memory is bounded per stream: reads go through one shared buffer and are
-copied straight into the other socket's transport; when that transport's
-write buffer passes ``high_water`` the source socket stops being read until
-it drains below ``low_water`` (asyncio's pause/resume_writing ->
-pause/resume_reading).  So a stalled receiver costs at most
-``high_water + chunk_size`` bytes per direction, however fast the sender is.
+Two ways to copy, both with memory bounded per stream direction:
+
+* *zero-copy* (Linux, the default there): once spliced, both sockets leave
+  asyncio's transports and each direction moves data socket -> pipe -> socket
+  with ``os.splice``, so payload bytes never enter user space.  The pipe is
+  the only buffer: at most ``high_water + chunk_size`` bytes are read into it,
+  and the source is not read again until the pipe has been written out
+  (``add_reader`` while the pipe is empty, ``add_writer`` while it is not).
+* *buffered* (elsewhere, when a ``_tap`` is set, or when the pipes cannot be
+  made): reads go through one shared buffer and are copied straight into the
+  other socket's transport; when that transport's write buffer passes
+  ``high_water`` the source socket stops being read until it drains below
+  ``low_water`` (asyncio's pause/resume_writing -> pause/resume_reading).
+
+Either way a stalled receiver costs at most ``high_water + chunk_size`` bytes
+per direction, however fast the sender is.
 """
 
 from __future__ import annotations
@@ -19,10 +29,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import secrets
 import socket
 import sys
 import time
+
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None
 
 from dask_lithops.relay.protocol import (
     HEADER,
@@ -41,6 +57,13 @@ logger = logging.getLogger("dask_lithops.relay")
 _WRITE_COPIES = sys.version_info < (3, 12)
 
 _HELLO, _CONTROL, _WAITING, _SPLICE, _CLOSED = "hello", "control", "waiting", "splice", "closed"
+_DETACHED = "detached"  # socket handed over to a _ZeroCopyStream
+
+ZERO_COPY_AVAILABLE = (sys.platform.startswith("linux") and hasattr(os, "splice")
+                       and fcntl is not None and hasattr(fcntl, "F_SETPIPE_SZ"))
+ZERO_COPY_ENV = "DASK_LITHOPS_RELAY_ZERO_COPY"  # "0" turns the zero-copy path off
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_PUMP_ROUNDS = 8  # splice round trips per wake-up before yielding to other streams
 
 
 class _Conn(asyncio.BufferedProtocol):
@@ -195,6 +218,121 @@ class _Conn(asyncio.BufferedProtocol):
             self.server._on_control(self, msg)
 
 
+class _Half:
+    """One direction of a zero-copy stream: src socket -> pipe -> dst socket."""
+
+    __slots__ = ("cap", "dst", "dst_sock", "eof", "mode", "queued", "rfd", "shut", "src", "wfd")
+
+    def __init__(self, src: socket.socket, dst: socket.socket, rfd: int, wfd: int, cap: int):
+        self.src, self.dst, self.dst_sock = src.fileno(), dst.fileno(), dst
+        self.rfd, self.wfd, self.cap = rfd, wfd, cap
+        self.queued = 0  # bytes in the pipe, not yet written to dst
+        self.eof = False  # src sent FIN
+        self.shut = False  # ... and we passed it on (shutdown(dst, SHUT_WR))
+        self.mode = None  # _READ (waiting for src), _WRITE (waiting for dst) or None
+
+
+_READ, _WRITE = "read", "write"
+
+
+class _ZeroCopyStream:
+    """Two sockets joined by ``os.splice`` through one pipe per direction.
+
+    Each direction alternates between reading src into its (empty) pipe and
+    writing the pipe out to dst, so the pipe is the only buffer and never holds
+    more than ``cap`` bytes.  Half-close is passed on (FIN -> ``SHUT_WR``);
+    the stream is torn down once both directions are shut, or at the first
+    error on either socket (closing the other one too, as the buffered path
+    does).
+    """
+
+    def __init__(self, server: RelayServer, a: socket.socket, b: socket.socket,
+                 pipes: list[tuple[int, int]], cap: int):
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.socks = (a, b)
+        self.pipes = pipes
+        (r1, w1), (r2, w2) = pipes
+        self.halves = (_Half(a, b, r1, w1, cap), _Half(b, a, r2, w2, cap))
+        self.closed = False
+
+    def start(self) -> None:
+        for h in self.halves:
+            self._set_mode(h, _READ)
+
+    @property
+    def buffered(self) -> int:
+        return self.halves[0].queued + self.halves[1].queued
+
+    def _set_mode(self, h: _Half, mode) -> None:
+        if h.mode == mode:
+            return
+        if h.mode == _READ:
+            self.loop.remove_reader(h.src)
+        elif h.mode == _WRITE:
+            self.loop.remove_writer(h.dst)
+        h.mode = mode
+        if mode == _READ:
+            self.loop.add_reader(h.src, self._pump, h)
+        elif mode == _WRITE:
+            self.loop.add_writer(h.dst, self._pump, h)
+
+    def _pump(self, h: _Half) -> None:
+        if self.closed:
+            return
+        splice = os.splice
+        try:
+            for _ in range(_PUMP_ROUNDS):
+                while h.queued:
+                    n = splice(h.rfd, h.dst, h.queued, flags=_SPLICE_FLAGS)
+                    if n <= 0:
+                        raise ConnectionError("splice to socket moved nothing")
+                    h.queued -= n
+                if h.eof:
+                    break
+                n = splice(h.src, h.wfd, h.cap, flags=_SPLICE_FLAGS)
+                if n == 0:
+                    h.eof = True
+                    break
+                h.queued = n
+                self.server.bytes_relayed += n
+        except BlockingIOError:
+            pass  # src drained (queued == 0) or dst full (queued > 0)
+        except OSError as e:
+            logger.debug("relay: zero-copy stream closed: %s", e)
+            self.close()
+            return
+        if h.eof and not h.queued:
+            self._set_mode(h, None)
+            if not h.shut:
+                h.shut = True
+                try:
+                    h.dst_sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+            if all(x.shut for x in self.halves):
+                self.close()
+            return
+        self._set_mode(h, _WRITE if h.queued else _READ)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for h in self.halves:
+            try:
+                self._set_mode(h, None)
+            except (OSError, ValueError, RuntimeError):  # loop already closed
+                h.mode = None
+        for sock in self.socks:
+            sock.close()
+        for r, w in self.pipes:
+            os.close(r)
+            os.close(w)
+        self.server._zero_copy.discard(self)
+        self.server.streams -= 2
+
+
 class RelayServer:
     """Relay for ``relay://`` addresses (see :mod:`dask_lithops.relay`).
 
@@ -216,6 +354,11 @@ class RelayServer:
         Seconds to wait for a worker to dial back before refusing the caller.
     high_water, low_water, chunk_size
         Per-direction flow-control limits (bytes) of a spliced stream.
+    zero_copy
+        Forward spliced streams with ``os.splice`` (payload never copied into
+        the relay process).  ``None`` (default): wherever available (Linux),
+        unless ``$DASK_LITHOPS_RELAY_ZERO_COPY`` is ``0``; ``False``: always
+        the buffered copy.
     """
 
     def __init__(self, host: str = "0.0.0.0", port: int = 0, token: str | None = None, *,
@@ -223,7 +366,7 @@ class RelayServer:
                  dial_timeout: float = 10.0,
                  hello_timeout: float = 10.0, high_water: int = 256 * 1024,
                  low_water: int = 64 * 1024, chunk_size: int = 256 * 1024,
-                 backlog: int = 4096):
+                 backlog: int = 4096, zero_copy: bool | None = None):
         if not token or not isinstance(token, str):
             raise ValueError("RelayServer needs a non-empty token (str)")
         self.host = host
@@ -236,6 +379,15 @@ class RelayServer:
         self.high_water = high_water
         self.low_water = low_water
         self.backlog = backlog
+        if zero_copy and not ZERO_COPY_AVAILABLE:
+            raise ValueError("zero_copy=True needs os.splice (Linux, Python >= 3.10)")
+        if zero_copy is None:
+            zero_copy = ZERO_COPY_AVAILABLE and os.environ.get(ZERO_COPY_ENV, "1").strip().lower() \
+                not in ("0", "false", "no", "off")
+        self.zero_copy = bool(zero_copy)
+        # bytes a zero-copy direction may hold in its pipe: the buffered path's bound
+        self.pipe_bytes = high_water + chunk_size
+        self._zero_copy: set[_ZeroCopyStream] = set()
         self._rbuf = memoryview(bytearray(chunk_size))
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[_Conn] = set()
@@ -278,6 +430,8 @@ class RelayServer:
             if conn.transport is not None:
                 conn.transport.abort()
         self._conns.clear()
+        for stream in list(self._zero_copy):
+            stream.close()
         self._workers.clear()
         if self._server is not None:
             await self._server.wait_closed()
@@ -321,13 +475,15 @@ class RelayServer:
         return sorted(self._workers)
 
     def buffered_bytes(self) -> int:
-        """Bytes currently held in the relay's write buffers (all streams)."""
+        """Bytes currently held by the relay for all streams (write buffers, pipes)."""
         return sum(c.transport.get_write_buffer_size() for c in self._conns
-                   if c.transport is not None)
+                   if c.transport is not None) + sum(z.buffered for z in self._zero_copy)
 
     def stats(self) -> dict:
         return {"workers": len(self._workers), "streams": self.streams // 2,
-                "pending": len(self._pending), "connections": len(self._conns),
+                "zero_copy_streams": len(self._zero_copy),
+                "pending": len(self._pending),
+                "connections": len(self._conns) + 2 * len(self._zero_copy),
                 "bytes_relayed": self.bytes_relayed, "refused": self.refused,
                 "buffered_bytes": self.buffered_bytes()}
 
@@ -435,12 +591,54 @@ class RelayServer:
         self.streams += 2
         a.send({"ok": True})
         b.send({"ok": True, "peer": a.peername})
+        if self._start_zero_copy(a, b):
+            return
         for src, dst in ((a, b), (b, a)):
             if src.inbuf:  # bytes a peer sent early, after its hello
                 dst.transport.write(bytes(src.inbuf))
                 src.inbuf.clear()
         a.transport.resume_reading()
         b.transport.resume_reading()
+
+    def _start_zero_copy(self, a: _Conn, b: _Conn) -> bool:
+        """Hand both sockets over to a :class:`_ZeroCopyStream` if possible."""
+        if not self.zero_copy or self._tap is not None or a.inbuf or b.inbuf:
+            return False
+        if a.transport.get_write_buffer_size() or b.transport.get_write_buffer_size():
+            return False  # the "ok" replies are not out yet: stay with the transports
+        socks: list[socket.socket] = []
+        fds: list[int] = []
+        try:
+            for c in (a, b):
+                socks.append(c.transport.get_extra_info("socket").dup())
+            cap = self.pipe_bytes
+            pipes = []
+            for _ in range(2):
+                r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                fds += (r, w)
+                pipes.append((r, w))
+                try:
+                    size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, cap)
+                except OSError:  # over /proc/sys/fs/pipe-max-size or the user's pipe quota
+                    size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+                cap = min(cap, size)
+        except OSError as e:  # out of file descriptors, most likely
+            logger.info("relay: zero-copy splice unavailable (%s); using the buffered copy", e)
+            for sock in socks:
+                sock.close()
+            for fd in fds:
+                os.close(fd)
+            return False
+        for c in (a, b):
+            # The transports let go of their sockets (our dups keep the connections
+            # open); reading is paused on both since the hello, so nothing is in flight.
+            c.state = _DETACHED
+            c.peer = None
+            c.transport.abort()
+        stream = _ZeroCopyStream(self, socks[0], socks[1], pipes, cap)
+        self._zero_copy.add(stream)
+        stream.start()
+        return True
 
     async def _reap_silent_controls(self) -> None:
         while True:
