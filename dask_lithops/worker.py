@@ -82,6 +82,19 @@ def _server_kwargs(payload: LaunchPayload) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: the payload's config is a difference from the
+    defaults, and ``dask.config.set`` would replace a whole nested section."""
+    out = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(_dotted(value, dotted))
+        else:
+            out[dotted] = value
+    return out
+
+
 def _start_method(payload: LaunchPayload) -> dict:
     """Let the nanny fork its worker: this process is small and fresh, and a fork
     skips a second interpreter start and import of distributed (half a worker's
@@ -133,7 +146,7 @@ async def run_worker_async(payload: LaunchPayload | dict, on_ready=None) -> dict
 
     import dask.config
 
-    with dask.config.set(payload.config or {}), dask.config.set(_start_method(payload)):
+    with dask.config.set(_dotted(payload.config or {})), dask.config.set(_start_method(payload)):
         from distributed import Nanny, Worker
 
         kwargs = _server_kwargs(payload)

@@ -265,3 +265,18 @@ def test_entry_point_rejects_bad_payload():
     r = subprocess.run([sys.executable, "-m", "dask_lithops.worker", "--payload", "-"],
                        input=encode(payload), capture_output=True, timeout=60)
     assert r.returncode == 2 and b"unknown launch payload keys ['bogus']" in r.stdout
+
+
+def test_workers_inherit_the_clients_dask_config_without_losing_defaults():
+    from dask_lithops.cluster import inherited_config
+
+    with dask.config.set({"distributed.worker.memory.target": 0.42, "dl-test.value": [1, 2]}):
+        assert inherited_config()["distributed"]["worker"]["memory"] == {"target": 0.42}
+        with LocalhostCluster(n_workers=1, dashboard_address=":0") as cluster, \
+                Client(cluster) as client:
+            seen = client.run(lambda: (
+                dask.config.get("distributed.worker.memory.target"),
+                dask.config.get("dl-test.value"),
+                dask.config.get("distributed.worker.memory.spill"),
+            ))
+    assert list(seen.values()) == [(0.42, [1, 2], dask.config.get("distributed.worker.memory.spill"))]

@@ -309,22 +309,6 @@ class ServerlessCluster(LithopsCluster):
                 "it carries the dask config: trim large dask config values")
         return event
 
-    _inherited_cache: dict | None = None
-
-    def launch_payload(self, name: str) -> LaunchPayload:
-        if self._inherited_cache is None:
-            base = super().launch_payload(name)
-            self._inherited_cache = base.config
-            return base
-        from dask_lithops import cluster as _base
-
-        orig = _base.inherited_config
-        _base.inherited_config = lambda: self._inherited_cache
-        try:
-            return super().launch_payload(name)
-        finally:
-            _base.inherited_config = orig
-
     async def invoke(self, event: dict) -> str:
         if self.function_name is None:
             raise WorkerLaunchError("the runtime is not deployed yet")
