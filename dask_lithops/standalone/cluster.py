@@ -1,6 +1,8 @@
 """StandaloneCluster: machines reachable over SSH become a Dask cluster.
 
-On start every host is connected to and probed in parallel (runtime prepared:
+Where the machines come from is the host provider's business
+(:mod:`.providers`: ``ssh`` = given hosts, ``aws_ec2`` = VMs).  On start the
+provider's hosts are connected to and probed in parallel (runtime prepared:
 host Python used as is, or a per-runtime venv built once); then the scheduler
 starts (in this process, or on the first host behind an SSH tunnel) and every
 host gets one worker group: ``worker_processes`` detached processes of the
@@ -29,7 +31,8 @@ from dask_lithops.cluster import LithopsCluster, WorkerLaunchError, WorkerLaunch
 from dask_lithops.payload import encode, security_to_dict
 
 from .bootstrap import ensure_private_dirs, read_log, start_processes, stop_processes
-from .providers.ssh import (HostSpec, SSHConnection, SSHError, combine_errors, connect,
+from .providers.base import BACKENDS, HostSpec, provider_class
+from .providers.ssh import (SSHConnection, SSHError, combine_errors, connect, connect_defaults,
                             run_in_ssh_thread, quote)
 from .remote_runtime import HostRuntime, RuntimeSpec, client_runtime, prepare_host
 
@@ -263,12 +266,18 @@ def msgpack_packb(data) -> bytes:
 
 
 class StandaloneCluster(LithopsCluster):
-    """Dask on machines reachable over SSH (``backend="ssh"``).
+    """Dask on machines reachable over SSH: given hosts or VMs a backend creates.
+
+    ``backend`` (``lithops.backend``; default ``ssh``) picks the host provider
+    (:data:`~dask_lithops.standalone.providers.base.BACKENDS`): ``ssh`` uses the
+    ``hosts`` given, ``aws_ec2`` creates, reuses or consumes EC2 VMs.  Every
+    host is then prepared and run the same way.
 
     Parameters
     ----------
+    backend: "ssh" or "aws_ec2"
     hosts: list of str
-        ``user@host:port`` entries (``lithops.ssh.hosts``; user defaults to
+        ``ssh``: ``user@host:port`` entries (``lithops.ssh.hosts``; user defaults to
         ``lithops.ssh.ssh_username`` or the local user, port to 22).
     worker_processes: int or "AUTO"
         Worker processes per host (Lithops' key); ``AUTO`` = the host's cores.
@@ -279,7 +288,7 @@ class StandaloneCluster(LithopsCluster):
         at); ``remote``: on the first host, reached through an SSH tunnel;
         ``auto``: local when every host can reach the client, else remote.
     n_hosts: int, optional
-        Hosts to start workers on at first (default: all).
+        Hosts to start workers on at first (default: all acquired at start).
     ssh_key_filename, known_hosts, trust_unknown_hosts, connect_timeout:
         Authentication and host key checking; unknown host keys are rejected
         unless ``trust_unknown_hosts=True``.
@@ -291,6 +300,11 @@ class StandaloneCluster(LithopsCluster):
         Install the client's exact package versions into a venv where hosts differ.
     extra_python_packages: list of str
         More packages for the hosts' runtime venv (Lithops' key).
+    exec_mode, n_vms, soft_dismantle_timeout, hard_dismantle_timeout, start_timeout,
+    start_retries, region, endpoint_url, worker_instance_type, target_ami, ...:
+        ``aws_ec2`` (``lithops.standalone.*`` / ``lithops.aws_ec2.*``, Lithops' key
+        names; ``worker_processes``, ``ssh_username``, ``ssh_key_filename`` are
+        then the ``aws_ec2`` ones): see docs/standalone-ec2.md.
     **kwargs:
         Shared options of :class:`dask_lithops.cluster.LithopsCluster` (security/tls,
         death_timeout, lifetime, dashboard_address, ...).
@@ -302,15 +316,7 @@ class StandaloneCluster(LithopsCluster):
     default_tls = True
     default_scheduler_host = None
 
-    # -- provider hook (issue 7): backend="aws_ec2" makes the EC2 subclass ---------------------
-    def __new__(cls, *args, backend: str | None = None, **kwargs):
-        if cls is StandaloneCluster and (backend or config.get("backend")) == "aws_ec2":
-            from .ec2_cluster import EC2Cluster
-
-            return super().__new__(EC2Cluster)
-        return super().__new__(cls)
-
-    def __init__(self, backend: str | None = "ssh", hosts: list[str] | None = None,
+    def __init__(self, backend: str | None = None, hosts: list[str] | None = None,
                  worker_processes: int | str | None = None, threads_per_worker: int | None = None,
                  scheduler: str | None = None, n_hosts: int | None = None,
                  memory_limit: str | int | None = None, nanny: bool | None = None,
@@ -320,50 +326,76 @@ class StandaloneCluster(LithopsCluster):
                  remote_python: str | None = None, install_runtime: bool | None = None,
                  extra_python_packages: list[str] | None = None,
                  stop_grace: float | None = None, **kwargs):
-        if backend not in (None, "ssh", "vm"):
-            raise config.ConfigError(f"backend = {backend!r} is invalid for StandaloneCluster "
-                                     "here; allowed: ssh")
-        opts = config.section(
-            "ssh", hosts=hosts, worker_processes=worker_processes,
-            threads_per_worker=threads_per_worker, scheduler=scheduler,
-            memory_limit=memory_limit, nanny=nanny, ssh_username=ssh_username,
-            ssh_key_filename=ssh_key_filename, known_hosts=known_hosts,
-            trust_unknown_hosts=trust_unknown_hosts, connect_timeout=connect_timeout,
-            remote_dir=remote_dir, remote_python=remote_python, install_runtime=install_runtime,
-            extra_python_packages=extra_python_packages, stop_grace=stop_grace)
-        if not opts["hosts"]:
-            raise config.ConfigError("lithops.ssh.hosts is empty; give hosts=['user@host:port', "
-                                     "...] (at least one)")
-        self.host_specs = [HostSpec.parse(h, user=opts["ssh_username"]) for h in opts["hosts"]]
+        if backend is None:
+            default = config.get("backend")
+            backend = default if default in BACKENDS else "ssh"
+        provider_cls = provider_class(backend)
+        given = dict(hosts=hosts, worker_processes=worker_processes,
+                     threads_per_worker=threads_per_worker, scheduler=scheduler,
+                     memory_limit=memory_limit, nanny=nanny, ssh_username=ssh_username,
+                     ssh_key_filename=ssh_key_filename, known_hosts=known_hosts,
+                     trust_unknown_hosts=trust_unknown_hosts, connect_timeout=connect_timeout,
+                     remote_dir=remote_dir, remote_python=remote_python,
+                     install_runtime=install_runtime,
+                     extra_python_packages=extra_python_packages, stop_grace=stop_grace)
+        # keywords the backend claims (aws_ec2: its own worker_processes, ssh_username, ...)
+        backend_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in provider_cls.keywords}
+        backend_kw.update({k: given.pop(k) for k in list(given)
+                           if k in provider_cls.keywords and given[k] is not None})
+        others = {k for name in BACKENDS for k in provider_class(name).keywords} & set(kwargs)
+        if others:
+            raise config.ConfigError(f"{', '.join(sorted(others))}: not options of backend "
+                                     f"{backend!r}; allowed backends for them: "
+                                     f"{', '.join(n for n in BACKENDS if others & set(provider_class(n).keywords))}")
+        opts = config.section("ssh", **given)
         if opts["scheduler"] not in SCHEDULER_PLACEMENTS:
             raise config.ConfigError(f"lithops.ssh.scheduler = {opts['scheduler']!r} is invalid; "
                                      f"allowed: {', '.join(SCHEDULER_PLACEMENTS)}")
+        provider = provider_cls.from_keywords(opts, **backend_kw)  # validates; no I/O
+        section = "ssh"
+        if provider.worker_processes is not None:
+            opts["worker_processes"], section = provider.worker_processes, provider.name
         wp = opts["worker_processes"]
         if wp is not None and str(wp).upper() != "AUTO" and (not str(wp).isdigit() or int(wp) < 1):
-            raise config.ConfigError(f"lithops.ssh.worker_processes = {wp!r} is invalid; "
+            raise config.ConfigError(f"lithops.{section}.worker_processes = {wp!r} is invalid; "
                                      "allowed: integer >= 1 or AUTO")
-        if n_hosts is not None and not 0 <= n_hosts <= len(self.host_specs):
+        if n_hosts is not None and not 0 <= n_hosts <= provider.initial:
             raise config.ConfigError(f"n_hosts = {n_hosts!r} is invalid; allowed: 0.."
-                                     f"{len(self.host_specs)}")
+                                     f"{provider.initial}")
+        self.backend = provider.name
+        self.provider = provider
+        self.name_prefix = provider.name_prefix
         self.ssh_options = opts
         self.scheduler_placement = opts["scheduler"]
         self.stop_grace = float(opts["stop_grace"])
-        self._initial_hosts = len(self.host_specs) if n_hosts is None else n_hosts
+        self._initial_hosts = provider.initial if n_hosts is None else n_hosts
         self._host_states: dict[int, HostState] = {}
+        self._next_index = 0
+        self._target_hosts: int | None = None  # what scale() asked for, while hosts are acquired
+        self._acquiring = 0                     # hosts being acquired for scale()
+        self._grows: set[asyncio.Task] = set()
+        self._used: set[int] = set()            # hosts given workers (released when they lose them)
         self._runtime_spec: RuntimeSpec = client_runtime(opts["extra_python_packages"] or ())
         kwargs.setdefault("n_workers", 0)
         super().__init__(threads_per_worker=opts["threads_per_worker"] or 1,
                          memory_limit=opts["memory_limit"], nanny=opts["nanny"], **kwargs)
 
+    @property
+    def host_specs(self) -> list[HostSpec]:
+        """The hosts held now, in order."""
+        return [self._host_states[i].spec for i in sorted(self._host_states)]
+
+    @property
+    def vms(self):
+        """The VMs held (VM backends); ``[]`` for given hosts."""
+        return list(getattr(self.provider, "vms", []))
+
     # ------------------------------------------------------------------ start
-    def _connect_kwargs(self) -> dict:
-        o = self.ssh_options
-        return dict(key_filename=o["ssh_key_filename"], known_hosts=o["known_hosts"],
-                    trust_unknown_hosts=bool(o["trust_unknown_hosts"]),
-                    connect_timeout=float(o["connect_timeout"]))
+    def _connect_kwargs(self, spec: HostSpec) -> dict:
+        return spec.connect_kwargs(connect_defaults(self.ssh_options))
 
     def _prepare(self, index: int, spec: HostSpec, reach_port: int | None) -> HostState:
-        conn = connect(spec, **self._connect_kwargs())
+        conn = connect(spec, **self._connect_kwargs(spec))
         try:
             o = self.ssh_options
             rt = prepare_host(conn, self._runtime_spec, remote_dir=o["remote_dir"],
@@ -375,31 +407,43 @@ class StandaloneCluster(LithopsCluster):
         return HostState(index, spec, conn, rt, _processes(o["worker_processes"], rt.cpu_count))
 
     def _reconnect(self, h: HostState) -> SSHConnection:
-        return connect(h.spec, **{**self._connect_kwargs(), "connect_timeout": 5.0})
+        return connect(h.spec, **{**self._connect_kwargs(h.spec), "connect_timeout": 5.0})
 
-    async def _prepare_hosts(self) -> None:
-        probe = None
-        reach_port = None
-        if self.scheduler_placement == "auto":
-            probe = socket.socket()
-            probe.bind(("0.0.0.0", 0))
-            probe.listen(64)
-            reach_port = probe.getsockname()[1]
-        try:
-            results = await asyncio.gather(
-                *(run_in_ssh_thread(self._prepare, i, s, reach_port)
-                  for i, s in enumerate(self.host_specs)), return_exceptions=True)
-        finally:
-            if probe is not None:
-                probe.close()
-        errors = {str(s): r for s, r in zip(self.host_specs, results)
-                  if isinstance(r, BaseException)}
+    async def _prepare_specs(self, specs: list[HostSpec],
+                             reach_port: int | None = None) -> list[HostState]:
+        """Connect to and prepare hosts in parallel; raise naming every host that failed."""
+        first, self._next_index = self._next_index, self._next_index + len(specs)
+        results = await asyncio.gather(
+            *(run_in_ssh_thread(self._prepare, first + k, s, reach_port)
+              for k, s in enumerate(specs)), return_exceptions=True)
+        errors = {str(s): r for s, r in zip(specs, results) if isinstance(r, BaseException)}
         if errors:
             for r in results:
                 if isinstance(r, HostState):
                     r.conn.close()
             raise combine_errors(errors)
-        self._host_states = {h.index: h for h in results}
+        return results
+
+    async def _prepare_hosts(self) -> None:
+        self.provider.cluster_id = self.cluster_id
+        self.provider.runtime = self._runtime_spec.key
+        probe = None
+        reach_port = None
+        try:
+            specs = await self.provider.acquire(self.provider.initial)
+            if self.scheduler_placement == "auto":
+                probe = socket.socket()
+                probe.bind(("0.0.0.0", 0))
+                probe.listen(64)
+                reach_port = probe.getsockname()[1]
+            states = await self._prepare_specs(specs, reach_port)
+        except BaseException:
+            await self.provider.close()  # nothing acquired outlives a failed start
+            raise
+        finally:
+            if probe is not None:
+                probe.close()
+        self._host_states = {h.index: h for h in states}
 
     async def _start(self):
         if self.status in (Status.running, Status.closed):
@@ -418,6 +462,9 @@ class StandaloneCluster(LithopsCluster):
             if unreachable:
                 logger.info("hosts %s cannot reach this client: scheduler on %s",
                             unreachable, self._host_states[0].conn)
+        if placement == "remote" and 0 not in self._host_states:
+            await self.provider.close()
+            raise config.ConfigError("scheduler 'remote' needs a host; the provider gave none")
         self.scheduler_placement = placement
         options = self.scheduler_spec["options"]
         if placement == "remote":
@@ -428,8 +475,9 @@ class StandaloneCluster(LithopsCluster):
         elif not options.get("host"):
             seen = {h.runtime.client_address for h in self._host_states.values()}
             options["host"] = seen.pop() if len(seen) == 1 and None not in seen else "0.0.0.0"
-        for i in range(self._initial_hosts):
+        for i in sorted(self._host_states)[:self._initial_hosts]:
             self.worker_spec[self._host_key(i)] = self._host_spec(i)
+            self._used.add(i)
         return await super()._start()
 
     def _host_key(self, i: int) -> str:
@@ -456,11 +504,23 @@ class StandaloneCluster(LithopsCluster):
     def new_worker_spec(self):
         for i in sorted(self._host_states):
             if self._host_key(i) not in self.worker_spec:
+                self._used.add(i)
                 return {self._host_key(i): self._host_spec(i)}
         return {}
 
+    def _processes_per_new_host(self) -> int:
+        wp = self.ssh_options["worker_processes"]
+        if wp is not None and str(wp).upper() != "AUTO":
+            return int(wp)
+        return max((h.processes for h in self._host_states.values()), default=1)
+
     def scale(self, n: int | None = None, hosts: int | None = None, memory=None, cores=None):
-        """Scale to ``hosts`` hosts, or to enough hosts for ``n`` workers (whole hosts)."""
+        """Scale to ``hosts`` hosts, or to enough hosts for ``n`` workers (whole hosts).
+
+        Beyond the hosts held, the provider is asked for more (up to its
+        ``maximum``: EC2 creates VMs); hosts whose workers are removed go back
+        to the provider (EC2: terminated or stopped).
+        """
         if hosts is None:
             n = n or 0
             if memory is not None or cores is not None:
@@ -473,20 +533,90 @@ class StandaloneCluster(LithopsCluster):
                     break
                 total += self._host_states[i].processes
                 hosts += 1
-        hosts = max(0, min(int(hosts), len(self._host_states)))
+            if total < n:
+                per = self._processes_per_new_host()
+                hosts += -(-(n - total) // per)
+        hosts = max(0, min(int(hosts), self.provider.maximum))
+        self._target_hosts = hosts
         while len(self.worker_spec) > hosts:
             self.worker_spec.popitem()
+        grow = None
         if self.status not in (Status.closing, Status.closed):
             while len(self.worker_spec) < hosts:
                 new = self.new_worker_spec()
                 if not new:
                     break
                 self.worker_spec.update(new)
+            more = min(hosts - len(self.worker_spec) - self._acquiring,
+                       self.provider.maximum - len(self._host_states) - self._acquiring)
+            if more > 0:
+                self._acquiring += more
+                grow = more
         self.loop.add_callback(self._correct_state)
         if self.asynchronous:
             from distributed.utils import NoOpAwaitable
 
-            return NoOpAwaitable()
+            return self._spawn_grow(grow) if grow else NoOpAwaitable()
+        if grow:
+            self.loop.add_callback(self._spawn_grow, grow)
+
+    def _spawn_grow(self, n: int) -> asyncio.Task:
+        task = asyncio.ensure_future(self._grow(n))
+        self._grows.add(task)
+        task.add_done_callback(self._grows.discard)
+        return task
+
+    async def _grow(self, n: int) -> None:
+        """Acquire ``n`` more hosts from the provider, prepare them, give them workers."""
+        specs: list[HostSpec] = []
+        try:
+            if self.status in (Status.closing, Status.closed):
+                return
+            specs = await self.provider.acquire(n)
+            states = await self._prepare_specs(specs) if specs else []
+        except Exception as e:
+            logger.warning("scale: could not add %d hosts: %s", n, e)
+            if specs:
+                await self.provider.release(specs)
+            return
+        finally:
+            self._acquiring -= n
+        if self.status in (Status.closing, Status.closed):
+            await self._release_states(states)
+            return
+        self._host_states.update({h.index: h for h in states})
+        target = self._target_hosts if self._target_hosts is not None else len(self.worker_spec)
+        while len(self.worker_spec) < target:
+            new = self.new_worker_spec()
+            if not new:
+                break
+            self.worker_spec.update(new)
+        surplus = [h for h in states if h.index not in self._used]
+        if surplus:  # scaled down meanwhile: hold nothing idle
+            for h in surplus:
+                del self._host_states[h.index]
+            await self._release_states(surplus)
+        await self._correct_state()
+
+    async def _correct_state_internal(self) -> None:
+        await super()._correct_state_internal()
+        if self.status != Status.running:
+            return  # closing: the provider releases everything at once
+        gone = [i for i in self._used
+                if i in self._host_states and self._host_key(i) not in self.worker_spec
+                and self._host_key(i) not in self.workers
+                and not (i == 0 and isinstance(self.scheduler, RemoteScheduler))]
+        self._used -= set(gone)
+        if gone:
+            await self._release_states([self._host_states.pop(i) for i in gone])
+
+    async def _release_states(self, states: list[HostState]) -> None:
+        await asyncio.gather(*(run_in_ssh_thread(h.conn.close) for h in states),
+                             return_exceptions=True)
+        try:
+            await self.provider.release([h.spec for h in states])
+        except Exception as e:
+            logger.warning("could not release hosts %s: %s", [str(h.spec) for h in states], e)
 
     # ------------------------------------------------------------------ info, logs, close
     @property
@@ -525,12 +655,15 @@ class StandaloneCluster(LithopsCluster):
             await super()._close()
         finally:
             states, self._host_states = list(self._host_states.values()), {}
-            await asyncio.gather(*(run_in_ssh_thread(h.conn.close) for h in states),
-                                 return_exceptions=True)
+            try:
+                await asyncio.gather(*(run_in_ssh_thread(h.conn.close) for h in states),
+                                     *self._grows, return_exceptions=True)  # grows release
+            finally:
+                await self.provider.close()
 
     def __repr__(self) -> str:
-        hosts = ", ".join(str(s) for s in self.host_specs)
-        return (f"StandaloneCluster({self.name!r}, {self.scheduler_address!r}, hosts=[{hosts}], "
+        return (f"StandaloneCluster(backend={self.backend!r}, {self.scheduler_address!r}, "
+                f"{self.provider.summary()}, "
                 f"workers={len(self.scheduler_info.get('workers', {}))}, "
                 f"status={self.status.name})")
 

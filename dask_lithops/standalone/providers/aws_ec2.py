@@ -1,6 +1,16 @@
-"""EC2 provider: create, start, stop, terminate and list the VMs of StandaloneCluster(backend="aws_ec2").
+"""EC2 provider: the VMs of StandaloneCluster(backend="aws_ec2").
 
-Blocking boto3 code; the cluster calls it through ``asyncio.to_thread``.  It
+As a :class:`~.base.HostProvider` it acquires VMs (``exec_mode``: ``create``
+new ones, ``reuse`` this user's stopped ones and create the shortfall, or
+``consume`` one existing ``instance_id``), waits until they run and answer SSH
+(replacing, a bounded number of times, those that never do, and terminating
+their remains), keeps their keepers fed with heartbeats
+(:mod:`~dask_lithops.standalone.heartbeat`) and releases them: terminated
+(``create``) or stopped (``reuse``, ``delete_on_dismantle=False``); a consumed
+VM is left as it was.
+
+Its vocabulary is EC2's: ``create``, ``start``, ``stop``, ``terminate``,
+``list`` (blocking boto3 code, run through ``asyncio.to_thread``).  It
 uses Lithops' ``aws_ec2`` keys (``region``, ``worker_instance_type``,
 ``target_ami``, ``ssh_username``, ``ssh_key_name``/``ssh_key_filename``,
 ``request_spot_instances``, ``vpc_id``, ``public_subnet_id``,
@@ -25,6 +35,7 @@ What it makes, every resource tagged ``dask-lithops=true`` and
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import getpass
 import gzip
@@ -37,7 +48,13 @@ import socket
 import time
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import ClassVar
+
+from dask_lithops import config
+
+from .base import HostProvider, HostSpec
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +79,13 @@ CAPACITY_ERRORS = {
     "InsufficientHostCapacity": "no dedicated host capacity",
     "Unsupported": "the instance type is not offered in this availability zone",
 }
+EC2_KEYS = ("region", "instance_role", "worker_instance_type", "master_instance_type",
+            "target_ami", "ssh_username", "ssh_key_name", "ssh_key_filename",
+            "request_spot_instances", "vpc_id", "public_subnet_id", "security_group_id",
+            "delete_on_dismantle", "max_workers", "worker_processes", "instance_id",
+            "endpoint_url", "associate_public_ip", "n_vms")
+STANDALONE_KEYS = ("exec_mode", "soft_dismantle_timeout", "hard_dismantle_timeout",
+                   "start_timeout", "start_retries")
 UBUNTU_OWNER = "099720109477"
 UBUNTU_NAME = "ubuntu/images/hvm-ssd*/ubuntu-jammy-22.04-{arch}-server-*"
 
@@ -126,14 +150,37 @@ def _credentials_hint(e: Exception) -> EC2Error:
                     "way (env AWS_ACCESS_KEY_ID/..., ~/.aws/credentials or a role)")
 
 
-class EC2Provider:
-    """The VMs of one cluster (``cluster_id``) with the resolved ``aws_ec2`` + ``standalone`` options."""
+class EC2Provider(HostProvider):
+    """The VMs of one cluster (``cluster_id``) with the resolved ``aws_ec2`` + ``standalone`` options.
 
-    def __init__(self, options: dict, cluster_id: str, runtime: str = "default",
-                 client_cidr: str | None = None):
+    ``ssh``: the resolved ``lithops.ssh`` options (connect timeout; for
+    ``consume``, the known_hosts file and trust policy for the existing VM).
+    """
+
+    name: ClassVar[str] = "aws_ec2"
+    name_prefix: ClassVar[str] = "ec2"
+    keywords: ClassVar[tuple[str, ...]] = EC2_KEYS + STANDALONE_KEYS
+
+    def __init__(self, options: dict, cluster_id: str = "", runtime: str = "default",
+                 client_cidr: str | None = None, ssh: dict | None = None):
         self.o = dict(options)
         self.cluster_id = cluster_id
         self.runtime = runtime
+        self.ssh = dict(ssh or {})
+        self.exec_mode = self.o.get("exec_mode") or "create"
+        # reuse keeps VMs (stopped); consume never deletes what it did not create
+        self.delete_on_dismantle = bool(self.o.get("delete_on_dismantle")) and \
+            self.exec_mode == "create"
+        self.initial = 1 if self.exec_mode == "consume" else int(self.o.get("n_vms") or 1)
+        self.maximum = 1 if self.exec_mode == "consume" else int(self.o.get("max_workers") or 1)
+        self.worker_processes = self.o.get("worker_processes")
+        self.vms: list[VM] = []        # the VMs held (acquired, not released)
+        self.owned: list[str] = []     # instances this cluster created or started
+        self.known_hosts: str | None = None  # next to the key, once set up
+        self.start_times: dict[str, float] = {}
+        self._heartbeat = None
+        self._set_up = False
+        self._lock = None
         self.user = getpass.getuser()
         self._client = None
         self._client_cidr = client_cidr
@@ -554,3 +601,232 @@ chmod 700 "$R/var/lib/cloud/scripts/per-boot/dask-lithops-keeper.sh"
                     time.sleep(2)
         return {"instances": ids, "key_pairs": [k["KeyName"] for k in keys],
                 "security_groups": deleted_groups}
+
+    # -- HostProvider: options -----------------------------------------------------------------
+    @classmethod
+    def from_keywords(cls, ssh: dict, exec_mode: str | None = None, n_vms: int | None = None,
+                      soft_dismantle_timeout: float | None = None,
+                      hard_dismantle_timeout: float | None = None,
+                      start_timeout: float | None = None, start_retries: int | None = None,
+                      **ec2_keywords) -> EC2Provider:
+        """Resolve and validate ``lithops.aws_ec2`` / ``lithops.standalone`` (no API call)."""
+        ec2 = config.section("aws_ec2", n_vms=n_vms, **ec2_keywords)
+        sa = config.section("standalone", exec_mode=exec_mode,
+                            soft_dismantle_timeout=soft_dismantle_timeout,
+                            hard_dismantle_timeout=hard_dismantle_timeout,
+                            start_timeout=start_timeout, start_retries=start_retries)
+        mode = sa["exec_mode"]
+        if mode not in EXEC_MODES:
+            raise config.ConfigError(f"lithops.standalone.exec_mode = {mode!r} is invalid; "
+                                     f"allowed: {', '.join(EXEC_MODES)}")
+        if mode == "consume":
+            if not ec2["instance_id"]:
+                raise config.ConfigError("exec_mode 'consume' needs lithops.aws_ec2.instance_id "
+                                         "(the VM to run on)")
+            ec2["n_vms"] = 1
+        n = int(ec2["n_vms"])
+        if not 1 <= n <= int(ec2["max_workers"]):
+            raise config.ConfigError(f"n_vms = {n!r} is invalid; allowed: 1..max_workers "
+                                     f"({ec2['max_workers']})")
+        if float(sa["soft_dismantle_timeout"]) > float(sa["hard_dismantle_timeout"]):
+            raise config.ConfigError("lithops.standalone.soft_dismantle_timeout must not exceed "
+                                     "hard_dismantle_timeout")
+        return cls({**ec2, **sa}, ssh=ssh)
+
+    # -- HostProvider: acquire, release, close ---------------------------------------------------
+    def _provider_lock(self):
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    async def acquire(self, n: int) -> list[HostSpec]:
+        async with self._provider_lock():
+            t0 = time.monotonic()
+            vms = await asyncio.to_thread(self._acquire, n)
+            self.start_times.setdefault("vms_ready", time.monotonic() - t0)
+            return [self.host_spec(v) for v in vms]
+
+    async def release(self, hosts: list[HostSpec]) -> None:
+        ids = [h.id for h in hosts if h.id]
+        async with self._provider_lock():
+            await asyncio.to_thread(self._release, ids)
+
+    async def close(self) -> None:
+        async with self._provider_lock():
+            await asyncio.to_thread(self._release, [v.instance_id for v in self.vms] +
+                                    list(self.owned), final=True)
+
+    def summary(self) -> str:
+        vms = ", ".join(f"{v.instance_id}@{v.address}" for v in self.vms) or "none yet"
+        return f"exec_mode={self.exec_mode!r}, vms=[{vms}]"
+
+    def host_spec(self, vm: VM) -> HostSpec:
+        ours = self.exec_mode != "consume"  # our VMs: our key, our pinned host key (no TOFU)
+        return HostSpec(vm.address, self.o.get("ssh_username") or "ubuntu", 22,
+                        key_filename=self.key_filename,
+                        known_hosts=self.known_hosts if ours else None,
+                        trust_unknown_hosts=False if ours else None, id=vm.instance_id)
+
+    # -- blocking parts ----------------------------------------------------------------------
+    def _acquire(self, n: int) -> list[VM]:
+        from dask_lithops.standalone.heartbeat import Heartbeat
+
+        if not self._set_up:
+            self.setup()
+            if self.exec_mode != "consume":
+                self.known_hosts = self.key_filename + ".known_hosts"
+            self._heartbeat = Heartbeat(
+                self.cluster_id, self.o["soft_dismantle_timeout"],
+                self.o["hard_dismantle_timeout"], self.delete_on_dismantle, self._reconnect)
+            self._set_up = True
+        mine: list[str] = []  # owned by this call: dismantled if it fails
+        try:
+            vms = self._get_vms(n, mine)
+        except BaseException:
+            self._release(mine)
+            raise
+        self.vms += vms
+        if self.exec_mode != "consume":
+            self._heartbeat.start()
+        return vms
+
+    def _get_vms(self, n: int, mine: list[str]) -> list[VM]:
+        o = self.o
+        itype = o["worker_instance_type"]
+        timeout = float(o["start_timeout"])
+        if self.exec_mode == "consume":
+            if self.vms or n < 1:
+                return []  # its one VM is held already
+            vm = self.describe([o["instance_id"]])[0]
+            if vm.state in ("stopped", "stopping"):
+                if vm.state == "stopping":
+                    self.wait_state([vm.instance_id], ("stopped",), timeout)
+                self.start([vm.instance_id])
+            vm = self.wait_state([vm.instance_id], ("running",), timeout)[0]
+            self._wait_ssh([vm], timeout)
+            return [vm]
+        n = min(n, self.maximum - len(self.vms))
+        if n < 1:
+            return []
+
+        def own(ids):
+            self.owned += ids
+            mine.extend(ids)
+
+        pending: list[str] = []
+        if self.exec_mode == "reuse":
+            reuse = [v.instance_id for v in self.reusable(itype)[:n]]
+            if reuse:
+                self.claim(reuse)
+                self.start(reuse)
+                own(reuse)
+                pending += reuse
+                logger.info("reusing stopped VMs %s", reuse)
+        new = self.create(n - len(pending), itype, self.exec_mode, self.delete_on_dismantle)
+        own([v.instance_id for v in new])
+        pending += [v.instance_id for v in new]
+        ready: list[VM] = []
+        retries = int(o["start_retries"])
+        for attempt in range(retries + 1):
+            deadline = time.monotonic() + timeout
+            try:
+                running = self.wait_state(pending, ("running",), timeout)
+            except EC2Error as e:
+                running = [v for v in self.describe(pending) if v.state == "running"]
+                logger.warning("%s", e)
+            failed = [i for i in pending if i not in {v.instance_id for v in running}]
+            ok, unreachable = self._wait_ssh(running, max(1.0, deadline - time.monotonic()))
+            ready += ok
+            failed += [v.instance_id for v in unreachable]
+            if not failed:
+                return ready
+            # the partial resources of a VM that never came up are removed at once
+            self.terminate(failed)
+            self.owned = [i for i in self.owned if i not in failed]
+            mine[:] = [i for i in mine if i not in failed]
+            if attempt == retries:
+                raise VMUnreachableError(
+                    f"VMs {failed} never became reachable over SSH within {timeout}s "
+                    f"(start_timeout), after {retries} replacements; terminated them")
+            logger.warning("VMs %s never became reachable within %ss: terminated, creating "
+                           "%d replacements", failed, timeout, len(failed))
+            new = self.create(len(failed), itype, self.exec_mode, self.delete_on_dismantle)
+            own([v.instance_id for v in new])
+            pending = [v.instance_id for v in new]
+        return ready
+
+    def _write_known_hosts(self, vms: list[VM]) -> None:
+        if self.exec_mode == "consume":
+            return
+        import fcntl
+
+        kind, key = self.host_key_public.split()[:2]
+        with open(self.known_hosts + ".lock", "w") as lock:  # clusters may start at once
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            lines = []
+            if os.path.exists(self.known_hosts):
+                with open(self.known_hosts) as f:
+                    lines = f.read().splitlines()
+            lines += [f"{v.address} {kind} {key}" for v in vms]
+            tmp = f"{self.known_hosts}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write("\n".join(dict.fromkeys(lines)) + "\n")
+            os.replace(tmp, self.known_hosts)
+
+    def _connect_vm(self, vm: VM, timeout: float):
+        from .ssh import connect, connect_defaults
+
+        spec = self.host_spec(vm)
+        kw = spec.connect_kwargs(connect_defaults(self.ssh))
+        kw["connect_timeout"] = min(kw["connect_timeout"], max(1.0, timeout))
+        return connect(spec, **kw)
+
+    def _reconnect(self, vm_id: str):
+        return self._connect_vm(next(v for v in self.vms if v.instance_id == vm_id), 5)
+
+    def _wait_ssh(self, vms: list[VM], timeout: float) -> tuple[list[VM], list[VM]]:
+        """Wait (in parallel) until each VM accepts our key; write its first heartbeat."""
+        from .ssh import SSHError
+
+        if not vms:
+            return [], []
+        self._write_known_hosts(vms)
+
+        def one(vm: VM):
+            deadline = time.monotonic() + timeout
+            last = None
+            while time.monotonic() < deadline:
+                try:
+                    conn = self._connect_vm(vm, deadline - time.monotonic())
+                except SSHError as e:
+                    last = e
+                    time.sleep(0.5)
+                    continue
+                self._heartbeat.add(vm.instance_id, conn)
+                return True
+            logger.warning("VM %s (%s): not reachable: %s", vm.instance_id, vm.address, last)
+            return False
+
+        with ThreadPoolExecutor(min(32, len(vms))) as ex:
+            results = list(ex.map(one, vms))
+        return ([v for v, r in zip(vms, results) if r],
+                [v for v, r in zip(vms, results) if not r])
+
+    def _release(self, ids: list[str], final: bool = False) -> None:
+        if self._heartbeat is not None:
+            if final:
+                self._heartbeat.stop()
+            else:
+                self._heartbeat.remove(ids)
+        self.vms = [v for v in self.vms if v.instance_id not in ids]
+        mine = [i for i in dict.fromkeys(ids) if i in self.owned]
+        self.owned = [i for i in self.owned if i not in mine]
+        if not mine:
+            return
+        if self.delete_on_dismantle:
+            self.terminate(mine)
+            self.wait_state(mine, ("shutting-down", "terminated"), 120)
+        else:
+            self.stop(mine)
+            self.wait_state(mine, ("stopping", "stopped"), 120)
+        logger.info("%s %s", "terminated" if self.delete_on_dismantle else "stopped", mine)

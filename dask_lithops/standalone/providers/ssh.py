@@ -1,4 +1,4 @@
-"""SSH provider: paramiko connections to existing hosts.
+"""SSH provider: existing hosts (:class:`SSHProvider`), and paramiko connections for every backend.
 
 ``user@host:port`` entries are connected in parallel with key or agent
 authentication; host keys are checked against ``known_hosts`` and unknown hosts
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
-import getpass
 import logging
 import os
 import select
@@ -23,6 +22,11 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import ClassVar
+
+from dask_lithops import config
+
+from .base import HostProvider, HostSpec
 
 logger = logging.getLogger(__name__)
 
@@ -92,46 +96,6 @@ def combine_errors(errors: dict[str, BaseException]) -> BaseException:
             err.errors = errors
             return err
     return SSHConnectErrors(errors)
-
-
-# -- host entries ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class HostSpec:
-    host: str
-    user: str
-    port: int = 22
-
-    @classmethod
-    def parse(cls, entry: str | HostSpec | dict, user: str | None = None,
-              port: int = 22) -> HostSpec:
-        """``host``, ``user@host``, ``user@host:port``, ``[v6addr]:port`` or a dict."""
-        if isinstance(entry, HostSpec):
-            return entry
-        if isinstance(entry, dict):
-            return cls(entry["host"], entry.get("user") or user or getpass.getuser(),
-                       int(entry.get("port", port)))
-        if not isinstance(entry, str) or not entry.strip():
-            raise ValueError(f"SSH host entry {entry!r}: expected 'user@host:port', 'host' or a dict")
-        rest = entry.strip()
-        if "@" in rest:
-            user, rest = rest.rsplit("@", 1)
-        if rest.startswith("["):
-            host, _, tail = rest[1:].partition("]")
-            if tail.startswith(":"):
-                port = tail[1:]
-        elif rest.count(":") == 1:
-            host, port = rest.split(":")
-        else:
-            host = rest
-        try:
-            port = int(port)
-        except ValueError:
-            raise ValueError(f"SSH host entry {entry!r}: port {port!r} is not a number") from None
-        return cls(host, user or getpass.getuser(), port)
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.user}@{host}:{self.port}"
 
 
 # -- host key policies -------------------------------------------------------------------------
@@ -358,6 +322,13 @@ def connect(host: str | HostSpec, *, user: str | None = None, port: int = 22,
     return SSHConnection(spec, client)
 
 
+def connect_defaults(ssh: dict) -> dict:
+    """:func:`connect` keywords from resolved ``lithops.ssh`` options."""
+    return dict(key_filename=ssh.get("ssh_key_filename"), known_hosts=ssh.get("known_hosts"),
+                trust_unknown_hosts=bool(ssh.get("trust_unknown_hosts")),
+                connect_timeout=float(ssh.get("connect_timeout") or 10.0))
+
+
 async def connect_all(hosts, **kwargs) -> list[SSHConnection]:
     """Connect to every host in parallel; raise naming every host that failed."""
     specs = [HostSpec.parse(h, user=kwargs.get("user"), port=kwargs.get("port", 22))
@@ -456,3 +427,41 @@ class Tunnel:
 
 def quote(s: str) -> str:
     return shlex.quote(s)
+
+
+# -- the provider ------------------------------------------------------------------------------
+class SSHProvider(HostProvider):
+    """``backend="ssh"``: the hosts given (``lithops.ssh.hosts``), nothing created or removed."""
+
+    name: ClassVar[str] = "ssh"
+    name_prefix: ClassVar[str] = "ssh"
+    keywords: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, hosts: list[HostSpec]):
+        self.hosts = list(hosts)
+        self.free = list(hosts)
+        self.initial = self.maximum = len(hosts)
+
+    @classmethod
+    def from_keywords(cls, ssh: dict, **keywords) -> SSHProvider:
+        if keywords:
+            raise config.ConfigError(f"{', '.join(sorted(keywords))}: not options of "
+                                     "StandaloneCluster(backend='ssh')")
+        if not ssh["hosts"]:
+            raise config.ConfigError("lithops.ssh.hosts is empty; give hosts=['user@host:port', "
+                                     "...] (at least one)")
+        return cls([HostSpec.parse(h, user=ssh["ssh_username"]) for h in ssh["hosts"]])
+
+    async def acquire(self, n: int) -> list[HostSpec]:
+        out, self.free = self.free[:n], self.free[n:]
+        return out
+
+    async def release(self, hosts: list[HostSpec]) -> None:
+        self.free += [h for h in hosts if h not in self.free]
+        self.free.sort(key=self.hosts.index)
+
+    async def close(self) -> None:
+        self.free = list(self.hosts)
+
+    def summary(self) -> str:
+        return f"hosts=[{', '.join(str(h) for h in self.hosts)}]"
