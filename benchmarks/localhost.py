@@ -37,7 +37,7 @@ def measure(make_cluster, workers: int, tasks: int) -> tuple[float, float]:
     return start, tasks / elapsed
 
 
-def lithops_map(n: int) -> float | None:
+def lithops_map(n: int, workers: int) -> float | None:
     try:
         import lithops
     except ImportError:
@@ -46,7 +46,7 @@ def lithops_map(n: int) -> float | None:
 
     fexec = lithops.LocalhostExecutor(
         config={"lithops": {"backend": "localhost", "storage": "localhost"},
-                "localhost": {"runtime": sys.executable}},
+                "localhost": {"runtime": sys.executable, "worker_processes": workers}},
         log_level=None)
     t0 = time.perf_counter()
     futures = fexec.map(inc, range(n))
@@ -58,7 +58,7 @@ def lithops_map(n: int) -> float | None:
 
 
 def dask_map(workers: int, n: int) -> float:
-    with LocalhostCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as c, \
+    with LocalhostCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0") as c, \
             Client(c) as client:
         client.wait_for_workers(workers)
         client.gather(client.map(inc, range(10), pure=False))
@@ -76,8 +76,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     w = args.workers
-    ours = lambda: LocalhostCluster(n_workers=w, threads_per_worker=1, dashboard_address=None)  # noqa: E731
-    theirs = lambda: LocalCluster(n_workers=w, threads_per_worker=1, dashboard_address=None)  # noqa: E731
+    ours = lambda: LocalhostCluster(n_workers=w, threads_per_worker=1, dashboard_address=":0")  # noqa: E731
+    theirs = lambda: LocalCluster(n_workers=w, threads_per_worker=1, dashboard_address=":0")  # noqa: E731
     rows = {"LocalhostCluster": [], "LocalCluster": []}
     for _ in range(args.repeat):  # interleaved, so machine noise hits both alike
         rows["LocalhostCluster"].append(measure(ours, w, args.tasks))
@@ -94,7 +94,7 @@ def main() -> None:
     print(f"throughput ratio (ours/LocalCluster): {tput_ratio:.2f}  (target >= 0.9)")
 
     for n in (100, 1000):
-        lith = lithops_map(n)
+        lith = lithops_map(n, w)
         ours_tp = dask_map(w, n)
         if lith is None:
             print(f"map of {n}: LocalhostCluster {ours_tp:.0f} tasks/s; lithops not installed")
