@@ -45,11 +45,11 @@ def test_create_compute_close(ec2_world):
     import pandas as pd
     from distributed import Client
 
-    from dask_lithops.standalone.ec2_cluster import EC2Cluster
+    from dask_lithops.standalone.providers.aws_ec2 import EC2Provider
 
     with cluster(ec2_world, n_vms=3, exec_mode="create", threads_per_worker=2) as c, \
             Client(c) as client:
-        assert isinstance(c, EC2Cluster)
+        assert c.backend == "aws_ec2" and isinstance(c.provider, EC2Provider)
         client.wait_for_workers(3, timeout=60)
         ids = [v.instance_id for v in c.vms]
         hosts = {iid: h.name for iid, h in ec2_world.booter.hosts.items() if iid in ids}
@@ -81,6 +81,34 @@ def test_create_compute_close(ec2_world):
     assert wait_for(lambda: not set(ec2_world.booter.running()) & set(ids))
     assert not set(hosts.values()) & namespaces()
     assert not ec2_world.booter.errors
+
+
+def test_scale_creates_and_releases_vms(ec2_world):
+    from distributed import Client
+
+    with cluster(ec2_world, n_vms=1, max_workers=3, exec_mode="create") as c, \
+            Client(c) as client:
+        client.wait_for_workers(1, timeout=60)
+        first = {v.instance_id for v in c.vms}
+        c.scale(hosts=5)  # beyond the VM held: the provider creates more, up to max_workers
+        client.wait_for_workers(3, timeout=120)
+        held = {v.instance_id for v in c.vms}
+        assert len(held) == 3 and first < held
+        assert len(ec2_world.instances()) == 3
+        addrs = {w["host"] for w in client.scheduler_info()["workers"].values()}
+        assert addrs == {v.private_ip for v in c.vms}
+        assert client.submit(lambda x: x + 1, 41).result() == 42
+
+        c.scale(hosts=1)  # VMs whose workers are retired are terminated while the cluster lives
+        assert wait_for(lambda: len(client.scheduler_info()["workers"]) == 1, timeout=60)
+        assert wait_for(lambda: len(c.vms) == 1, timeout=60)  # released once the group stopped
+        released = held - {v.instance_id for v in c.vms}
+        assert len(released) == 2
+        assert wait_for(lambda: {ec2_world.states()[i] for i in released} == {"terminated"},
+                        timeout=60), {i: ec2_world.states()[i] for i in released}
+        assert client.submit(lambda x: x * 2, 21).result() == 42
+    assert set(ec2_world.states().values()) == {"terminated"}
+    assert wait_for(lambda: not set(ec2_world.booter.running()) & held)
 
 
 def test_reuse_starts_stopped_vms_faster(ec2_world):
