@@ -358,10 +358,10 @@ class EC2World:
 
 CLIENT_SCRIPT = r"""
 import json, os, sys, time
-from dask_lithops.standalone.ec2_cluster import EC2Cluster
+from dask_lithops import StandaloneCluster
 from distributed import Client
 opts = json.loads(sys.argv[1])
-cluster = EC2Cluster(**opts)
+cluster = StandaloneCluster(backend="aws_ec2", **opts)
 client = Client(cluster)
 client.wait_for_workers(len(cluster.vms), timeout=120)
 assert client.submit(sum, [1, 2, 3]).result() == 6
