@@ -8,7 +8,6 @@ value fails with :class:`ConfigError` naming the key and the allowed values.
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Iterator, Mapping
 from functools import lru_cache
@@ -323,16 +322,6 @@ def validate_current(overrides: Mapping[str, Any] | None = None) -> None:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     validate(tree)
-
-
-def _merge(a: dict, b: Mapping) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = _merge(dict(out[k]), v)
-        else:
-            out[k] = v
-    return out
 
 
 def section(section_name: str, /, **overrides: Any) -> dict:

@@ -40,7 +40,7 @@ class RuntimeMismatch(RuntimeError):
     """The worker's Python or packages differ from the client's."""
 
 
-def _version(dist: str) -> str | None:
+def installed_version(dist: str) -> str | None:
     try:
         return version(dist)
     except PackageNotFoundError:
@@ -50,7 +50,7 @@ def _version(dist: str) -> str | None:
 def runtime_key() -> dict[str, str | None]:
     """Versions that must agree between the client and every worker."""
     key = {"python": "%d.%d" % sys.version_info[:2]}
-    key.update({name: _version(name) for name in RUNTIME_PACKAGES})
+    key.update({name: installed_version(name) for name in RUNTIME_PACKAGES})
     return key
 
 

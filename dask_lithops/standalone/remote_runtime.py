@@ -28,24 +28,20 @@ import sys
 import tarfile
 import uuid
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, distribution, requires, version
+from importlib.metadata import PackageNotFoundError, distribution, requires
+
+from dask_lithops.payload import RUNTIME_PACKAGES
+from dask_lithops.payload import installed_version as _version
 
 from .providers.ssh import SSHConnection, SSHError, quote
 
 # Must equal the client's exactly: a mismatch breaks pickled tasks and messages.
-MATCH_PACKAGES = ("dask", "distributed", "cloudpickle", "msgpack")
+MATCH_PACKAGES = RUNTIME_PACKAGES
 READY_MARKER = ".dask-lithops-ready"
 
 
 class RuntimeMismatchError(SSHError):
     """The host's runtime differs from the client's and may not (or cannot) be fixed."""
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
 
 
 def _dist_name(requirement: str) -> str:
