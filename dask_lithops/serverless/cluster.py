@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import time
@@ -22,7 +23,12 @@ from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from dask_lithops import config
-from dask_lithops.cluster import LithopsCluster, WorkerLaunchError, WorkerLauncher
+from dask_lithops.cluster import (
+    LithopsCluster,
+    WorkerLaunchError,
+    WorkerLauncher,
+    inherited_config,
+)
 from dask_lithops.payload import (
     LaunchPayload,
     RuntimeMismatch,
@@ -39,6 +45,7 @@ logger = logging.getLogger(__name__)
 BACKENDS = {"aws_lambda": "dask_lithops.serverless.backends.aws_lambda.AWSLambdaBackend"}
 MB_PER_VCPU = 1769  # Lambda: one vCPU per 1769 MB, up to 6 at 10240 MB
 _STOP_WAIT = 15.0
+_PAYLOAD_FIELDS = tuple(f.name for f in dataclasses.fields(LaunchPayload))
 
 
 class PayloadTooLarge(config.ConfigError):
@@ -68,13 +75,14 @@ class LambdaWorker(WorkerLauncher):
         cluster = self.cluster
         event = cluster.worker_event(payload)
         self.invoked_at = time.monotonic()
-        cluster.usage_tracker.invoked(self.name, cluster.memory)
+        record = cluster.usage_tracker.invoked(self.name, cluster.memory)
         try:
             self.request_id = await cluster.invoke(event)
         except Exception as e:
-            cluster.usage_tracker.records.pop(self.name, None)
+            cluster.usage_tracker.forget(self.name)
             raise WorkerLaunchError(f"worker {self.name}: invocation failed: {e}") from e
-        cluster.usage_tracker.records[self.name].request_id = self.request_id
+        record.request_id = self.request_id
+        record.accepted = time.time()
 
     async def stop(self) -> None:
         await self.cluster.stop_worker(self.name)
@@ -219,6 +227,7 @@ class ServerlessCluster(LithopsCluster):
         self._exit_reports: dict[str, dict] = {}
         self._retiring: dict[str, LambdaWorker] = {}
         self._rotation_task: asyncio.Task | None = None
+        self._payload_template: LaunchPayload | None = None
         self.function_name: str | None = None
         self.runtime_package = None
         self.throttle_warnings = 0
@@ -260,6 +269,7 @@ class ServerlessCluster(LithopsCluster):
                 describe_mismatch(diff, where=f"function {name}") if diff else
                 f"function {name} did not report its runtime: {meta!r}")
         self.function_name = name
+        self.backend.prepare_invoke()
         return name
 
     # ------------------------------------------------------------------ lifecycle
@@ -298,10 +308,28 @@ class ServerlessCluster(LithopsCluster):
 
     # ------------------------------------------------------------------ invocations
 
-    def worker_event(self, payload: LaunchPayload) -> dict:
-        event = {"dask_lithops": "worker", "payload": encode_b64(payload),
-                 "not_after": time.time() + max(300.0, 2 * self.timeout)}
-        size = len(json.dumps(event))
+    def launch_payload(self, name: str) -> LaunchPayload:
+        # Everything but the name and the relay id is the same for every worker; building
+        # it (runtime versions from package metadata, config difference) took ~5 ms, more
+        # than the invoke itself.  The config is snapshotted by scale() (see there).
+        template = self._payload_template
+        if template is None or template.scheduler_address != self.worker_scheduler_address:
+            template = self._payload_template = super().launch_payload(name)
+        relay = None
+        if template.relay is not None:
+            relay = {"address": template.relay["address"],
+                     "worker_id": f"{name}-{uuid.uuid4().hex[:8]}"}
+        return dataclasses.replace(template, name=name, relay=relay)
+
+    def worker_event(self, payload: LaunchPayload) -> bytes:
+        """The Event invocation's JSON body (encoded once: its size is checked here)."""
+        # a shallow dict: dataclasses.asdict deep-copies the TLS material (~0.2 ms); and
+        # base64 needs no JSON escaping (json.dumps scans the whole string)
+        data = {name: getattr(payload, name) for name in _PAYLOAD_FIELDS}
+        not_after = time.time() + max(300.0, 2 * self.timeout)
+        event = b'{"dask_lithops":"worker","payload":"%s","not_after":%r}' % (
+            encode_b64(data).encode(), not_after)
+        size = len(event)
         if size > self.backend.max_event_payload:
             raise PayloadTooLarge(
                 f"the worker launch payload is {size} bytes, over the {self.backend.name} "
@@ -309,10 +337,10 @@ class ServerlessCluster(LithopsCluster):
                 "it carries the dask config: trim large dask config values")
         return event
 
-    async def invoke(self, event: dict) -> str:
+    async def invoke(self, event: bytes) -> str:
         if self.function_name is None:
             raise WorkerLaunchError("the runtime is not deployed yet")
-        running = sum(1 for r in self.usage_tracker.records.values() if r.ended is None)
+        running = self.usage_tracker.running
         if running > self.max_workers:
             raise WorkerLaunchError(f"max_workers = {self.max_workers} invocations reached")
         loop = asyncio.get_running_loop()
@@ -324,6 +352,11 @@ class ServerlessCluster(LithopsCluster):
             logger.warning("scale(%d) capped at lithops.aws_lambda.max_workers = %d", n,
                            self.max_workers)
             n = self.max_workers
+        # The workers get the dask config in effect now (the launches happen later, on
+        # the event loop): e.g. ``with dask.config.set(...): cluster.scale(4)``.
+        if self._payload_template is not None:
+            self._payload_template = dataclasses.replace(self._payload_template,
+                                                         config=inherited_config())
         return super().scale(n, memory=memory, cores=cores)
 
     # ------------------------------------------------------------------ worker tracking

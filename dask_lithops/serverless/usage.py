@@ -12,6 +12,7 @@ class InvocationUsage:
     memory_mb: int
     invoked: float  # epoch seconds the invoke was issued
     request_id: str | None = None
+    accepted: float | None = None  # the platform accepted the invoke (202)
     registered: float | None = None  # the worker joined the scheduler
     ended: float | None = None  # exit report received (or the worker left)
     duration: float | None = None  # the function's own measurement, when it reported
@@ -36,10 +37,24 @@ class UsageTracker:
         self.price_per_request = price_per_request
         self.records: dict[str, InvocationUsage] = {}
         self.created = time.time()
+        self._open: set[str] = set()  # not ended yet
 
-    def invoked(self, name: str, memory_mb: int, request_id: str | None = None) -> None:
-        self.records[name] = InvocationUsage(name=name, memory_mb=memory_mb,
-                                             invoked=time.time(), request_id=request_id)
+    @property
+    def running(self) -> int:
+        """Invocations not known to have ended."""
+        return len(self._open)
+
+    def invoked(self, name: str, memory_mb: int, request_id: str | None = None
+                ) -> InvocationUsage:
+        r = self.records[name] = InvocationUsage(name=name, memory_mb=memory_mb,
+                                                 invoked=time.time(), request_id=request_id)
+        self._open.add(name)
+        return r
+
+    def forget(self, name: str) -> None:
+        """The invoke failed: nothing runs, nothing is billed."""
+        self.records.pop(name, None)
+        self._open.discard(name)
 
     def registered(self, name: str) -> None:
         r = self.records.get(name)
@@ -50,6 +65,7 @@ class UsageTracker:
         r = self.records.get(name)
         if r is None:
             return
+        self._open.discard(name)
         if r.ended is None:
             r.ended = time.time()
         if report:

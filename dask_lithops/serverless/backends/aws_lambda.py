@@ -11,8 +11,11 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import random
+import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,10 @@ class AWSLambdaBackend(FaaSBackend):
         self.price_per_gb_second = self.PRICES[config["architecture"]]
         self._client = None
         self._sync_client = None
+        self._session = None
+        self._event_invoker: _EventInvoker | None = None
+        self._event_invoker_checked = False
+        self._lock = threading.RLock()  # event_invoker makes the client under it
 
     # ------------------------------------------------------------------ config
 
@@ -108,36 +115,49 @@ class AWSLambdaBackend(FaaSBackend):
 
     # ------------------------------------------------------------------ clients
 
+    @property
+    def session(self):
+        """One boto3 session (credentials chain) for every client of this backend."""
+        if self._session is None:
+            import boto3
+
+            kwargs: dict[str, Any] = {"region_name": self.region}
+            if self.config.get("access_key_id"):
+                kwargs.update(aws_access_key_id=self.config["access_key_id"],
+                              aws_secret_access_key=self.config.get("secret_access_key"),
+                              aws_session_token=self.config.get("session_token"))
+            session = boto3.session.Session(**kwargs)
+            if self.endpoint_url and session.get_credentials() is None:
+                session = boto3.session.Session(aws_access_key_id="testing",
+                                                aws_secret_access_key="testing", **kwargs)
+            self._session = session
+        return self._session
+
     def _make_client(self, read_timeout: float):
-        import boto3
         from botocore.config import Config
 
-        kwargs: dict[str, Any] = {"region_name": self.region}
+        kwargs: dict[str, Any] = {}
         if self.endpoint_url:
             kwargs["endpoint_url"] = self.endpoint_url
-        if self.config.get("access_key_id"):
-            kwargs.update(aws_access_key_id=self.config["access_key_id"],
-                          aws_secret_access_key=self.config.get("secret_access_key"),
-                          aws_session_token=self.config.get("session_token"))
-        elif self.endpoint_url:
-            session = boto3.session.Session()
-            if session.get_credentials() is None:
-                kwargs.update(aws_access_key_id="testing", aws_secret_access_key="testing")
         pool = max(10, int(self.config.get("invoke_pool_threads") or 10))
         cfg = Config(max_pool_connections=pool, read_timeout=read_timeout, connect_timeout=10,
                      retries={"total_max_attempts": 1}, tcp_keepalive=True)
-        return boto3.client("lambda", config=cfg, **kwargs)
+        return self.session.client("lambda", config=cfg, **kwargs)
 
     @property
     def client(self):
         if self._client is None:
-            self._client = self._make_client(60)
+            with self._lock:
+                if self._client is None:
+                    self._client = self._make_client(60)
         return self._client
 
     @property
     def sync_client(self):
         if self._sync_client is None:
-            self._sync_client = self._make_client(self.max_timeout + 10)
+            with self._lock:
+                if self._sync_client is None:
+                    self._sync_client = self._make_client(self.max_timeout + 10)
         return self._sync_client
 
     def _call(self, what: str, fn, **kwargs):
@@ -150,18 +170,25 @@ class AWSLambdaBackend(FaaSBackend):
             except ClientError as e:
                 code = e.response.get("Error", {}).get("Code", "")
                 if code in _THROTTLE_CODES and attempt < retries:
-                    delay = min(5.0, 0.1 * 2 ** attempt) * (0.5 + random.random())
-                    logger.debug("%s throttled (%s); retrying in %.2fs", what, code, delay)
-                    time.sleep(delay)
+                    self._throttled(what, code, attempt)
                     continue
                 if code in _THROTTLE_CODES:
-                    raise ThrottledError(
-                        f"Lambda {what} still throttled ({code}) after {retries} retries: "
-                        f"{e}. Raise the function's or account's concurrency limit, or lower "
-                        "max_workers") from e
+                    raise self._still_throttled(what, code, retries, e) from e
                 raise BackendError(f"Lambda {what} failed: {e}") from e
             except BotoCoreError as e:
                 raise BackendError(f"Lambda {what} failed: {e}") from e
+
+    @staticmethod
+    def _throttled(what: str, code: str, attempt: int) -> None:
+        delay = min(5.0, 0.1 * 2 ** attempt) * (0.5 + random.random())
+        logger.debug("%s throttled (%s); retrying in %.2fs", what, code, delay)
+        time.sleep(delay)
+
+    @staticmethod
+    def _still_throttled(what: str, code: str, retries: int, detail) -> ThrottledError:
+        return ThrottledError(
+            f"Lambda {what} still throttled ({code}) after {retries} retries: {detail}. "
+            "Raise the function's or account's concurrency limit, or lower max_workers")
 
     # ------------------------------------------------------------------ runtimes
 
@@ -312,10 +339,48 @@ class AWSLambdaBackend(FaaSBackend):
 
     # ------------------------------------------------------------------ invoke
 
-    def invoke(self, function_name: str, event: dict) -> str:
-        body = json.dumps(event, separators=(",", ":")).encode()
+    @property
+    def event_invoker(self) -> _EventInvoker | None:
+        """The lean Event-invoke path (None: boto3's), made once (the invoke pool races)."""
+        if not self._event_invoker_checked:
+            with self._lock:
+                if not self._event_invoker_checked:
+                    if _EventInvoker.usable():
+                        self._event_invoker = _EventInvoker(
+                            self.client, self.session,
+                            pool_size=max(10, int(self.config.get("invoke_pool_threads") or 10)))
+                    self._event_invoker_checked = True
+        return self._event_invoker
+
+    def prepare_invoke(self) -> None:
+        self.event_invoker  # noqa: B018
+
+    def invoke(self, function_name: str, event: dict | bytes) -> str:
+        body = event if isinstance(event, bytes) else \
+            json.dumps(event, separators=(",", ":")).encode()
+        invoker = self.event_invoker
+        if invoker is not None:
+            retries = int(self.config.get("invoke_retries", 8))
+            for attempt in range(retries + 1):
+                status, code, detail, request_id = invoker.invoke(function_name, body)
+                if status == 202:
+                    return request_id
+                if code in _THROTTLE_CODES and attempt < retries:
+                    self._throttled("Invoke", code, attempt)
+                    continue
+                if code in _THROTTLE_CODES:
+                    raise self._still_throttled("Invoke", code, retries, detail)
+                raise BackendError(f"Lambda Invoke (Event) of {function_name} failed: "
+                                   f"{code or status}: {detail}")
         out = self._call("Invoke", self.client.invoke, FunctionName=function_name,
                          InvocationType="Event", Payload=body)
+        # Read the (empty) body: an unread streaming body is closed with its connection
+        # when it is garbage-collected, so every invoke would open a new connection.
+        out["Payload"].read()
+        status = out.get("StatusCode")
+        if status != 202:
+            raise BackendError(f"Lambda Invoke (Event) of {function_name} answered {status}, "
+                               "not 202")
         return out.get("ResponseMetadata", {}).get("RequestId", "")
 
     def invoke_sync(self, function_name: str, event: dict) -> dict:
@@ -344,3 +409,82 @@ class AWSLambdaBackend(FaaSBackend):
                 return json.loads(r.read()).get("host_address")
         except Exception:
             return None
+
+
+class _EventInvoker:
+    """Event invokes without botocore's per-call machinery.
+
+    A worker launch is one Event invoke, and botocore spends ~1.4 ms of CPU on each
+    (event hooks, request building, validation, response parsing): ~500/s at best
+    with the GIL to itself.  This signs the request with botocore's own SigV4
+    signer and the session's (refreshing) credentials, and sends it on a keep-alive
+    urllib3 pool to the endpoint botocore resolved: ~0.5 ms each.  Everything
+    else (and any setup with a proxy) goes through boto3.
+    """
+
+    _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                   "all_proxy")
+
+    @classmethod
+    def usable(cls) -> bool:
+        return not any(os.environ.get(v) for v in cls._PROXY_VARS)
+
+    def __init__(self, client, session, pool_size: int, connect_timeout: float = 10,
+                 read_timeout: float = 60):
+        import botocore
+        import urllib3
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+        from botocore.httpsession import get_cert_path
+
+        self._SigV4Auth, self._AWSRequest = SigV4Auth, AWSRequest
+        self.endpoint = client.meta.endpoint_url.rstrip("/")
+        self.region = client.meta.region_name
+        self.credentials = session.get_credentials()
+        u = urllib.parse.urlsplit(self.endpoint)
+        self.base_path = u.path.rstrip("/")
+        timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
+        if u.scheme == "https":
+            ca = os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True)
+            self.pool = urllib3.HTTPSConnectionPool(
+                u.hostname, u.port, maxsize=pool_size, timeout=timeout, retries=False,
+                cert_reqs="CERT_REQUIRED", ca_certs=ca)
+        else:
+            self.pool = urllib3.HTTPConnectionPool(u.hostname, u.port, maxsize=pool_size,
+                                                   timeout=timeout, retries=False)
+        self.user_agent = f"dask-lithops botocore/{botocore.__version__}"
+
+    def invoke(self, function_name: str, body: bytes) -> tuple[int, str, str, str]:
+        """(status, error code, error message, request id) of one Event invoke."""
+        from urllib3.exceptions import HTTPError
+
+        from dask_lithops.serverless.backends.base import BackendError
+
+        path = (f"{self.base_path}/2015-03-31/functions/"
+                f"{urllib.parse.quote(function_name, safe='')}/invocations")
+        req = self._AWSRequest(method="POST", url=self.endpoint + path, data=body,
+                               headers={"X-Amz-Invocation-Type": "Event",
+                                        "User-Agent": self.user_agent})
+        creds = self.credentials.get_frozen_credentials() if self.credentials else None
+        if creds is None:
+            raise BackendError("no AWS credentials found (the boto3 credential chain is empty)")
+        self._SigV4Auth(creds, "lambda", self.region).add_auth(req)
+        try:
+            r = self.pool.urlopen("POST", path, body=body, headers=dict(req.headers.items()),
+                                  retries=False)
+        except HTTPError as e:
+            raise BackendError(f"Lambda Invoke (Event) of {function_name}: {e}") from e
+        request_id = r.headers.get("x-amzn-RequestId", "")
+        if r.status == 202:
+            return 202, "", "", request_id
+        code = (r.headers.get("x-amzn-ErrorType") or "").split(":")[0]
+        message = r.data.decode(errors="replace")
+        try:
+            err = json.loads(message)
+            code = code or err.get("__type") or err.get("Type") or err.get("code") or ""
+            code = code.rsplit("#", 1)[-1]
+            message = err.get("message") or err.get("Message") or message
+        except (ValueError, AttributeError):
+            pass
+        return r.status, code, f"{message} (HTTP {r.status}, RequestId {request_id})", \
+            request_id

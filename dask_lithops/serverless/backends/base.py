@@ -102,6 +102,9 @@ class FaaSBackend:
         """Asynchronous invocation; returns the request id.  Retries throttling."""
         raise NotImplementedError
 
+    def prepare_invoke(self) -> None:
+        """Make what invokes need (clients, connection pools) before the first scale."""
+
     def invoke_sync(self, function_name: str, event: dict) -> dict:
         """Synchronous invocation; returns the function's JSON result."""
         raise NotImplementedError
