@@ -10,18 +10,39 @@ Events (JSON):
 
 A worker invocation never raises: a raised error would make Lambda retry the
 event, i.e. start a duplicate worker.
+
+The exit report's ``timeline`` holds epoch seconds of the cold path: the
+process' start, this module loaded, the handler called, the worker's imports
+done, the scheduler found reachable, the worker registered.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import os
-import platform
-import sys
 import time
 
+_MODULE_LOADED = time.time()  # dask_lithops' package imports are done by now
+
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+
 logger = logging.getLogger("dask_lithops.serverless.handler")
+
+
+def _process_start() -> float | None:
+    """When this process started (epoch s, 10 ms resolution): the environment's start."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - age
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+_PROCESS_START = _process_start()
 
 EXIT_REPORT_OP = "dask_lithops_worker_exit"
 _SAFETY = 3.0  # seconds kept between the worker's end and the function's deadline
@@ -66,9 +87,12 @@ def handler(event, context):
 
 
 async def _run(event: dict, context, start: float) -> dict:
+    timeline = {"process_start": _PROCESS_START, "module_loaded": _MODULE_LOADED,
+                "handler": start}
     from dask_lithops.payload import RuntimeMismatch, decode_b64, security_from_dict
     from dask_lithops.worker import run_worker_async
 
+    timeline["imports"] = time.time()
     if event.get("not_after") and time.time() > float(event["not_after"]):
         logger.info("worker event expired before it started: not starting it")
         return {"reason": "expired", "duration": 0.0}
@@ -88,12 +112,15 @@ async def _run(event: dict, context, start: float) -> dict:
                        payload.scheduler_address, payload.name)
         return {"name": payload.name, "reason": "scheduler-unreachable",
                 "duration": time.time() - start}
+    timeline["reachable"] = time.time()
     try:
-        report = await run_worker_async(payload)
+        report = await run_worker_async(
+            payload, on_ready=lambda info: timeline.setdefault("registered", time.time()))
     except RuntimeMismatch as e:
         report = {"name": payload.name, "reason": "runtime-mismatch", "error": str(e)}
     report["duration"] = time.time() - start
     report["started"] = start
+    report["timeline"] = timeline
     report["memory_mb"] = memory_mb
     report["request_id"] = getattr(context, "aws_request_id", None)
     await _post_report(payload, security, report)
