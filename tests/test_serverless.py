@@ -251,6 +251,25 @@ def test_throttling_below_requested_count_still_completes(emulator, runtime_pack
     assert not [i for i in emulator.invocations(fn) if i.status == "timedout"]
 
 
+def test_invoke_rate_throttling_is_retried(emulator, runtime_package):
+    """Lambda answers 429 when Invoke's request rate is exceeded: retried with backoff."""
+    cluster = make_cluster(emulator)
+    before = emulator.stats["rate_throttles"]
+    emulator.invoke_rate_limit = 1.0  # one Event invoke per second, burst of one
+    try:
+        with cluster, Client(cluster) as client:
+            cluster.scale(4)
+            client.wait_for_workers(4, timeout=120)
+            assert sum(client.gather(client.map(lambda i: i + 1, range(20)))) == \
+                sum(range(1, 21))
+            records = list(cluster.usage_tracker.records.values())
+            assert len(records) == 4 and all(r.request_id and r.accepted for r in records)
+    finally:
+        emulator.invoke_rate_limit = None
+    assert emulator.stats["rate_throttles"] - before >= 3
+    assert wait_no_busy(emulator, cluster.function_name) == []
+
+
 def test_runtime_version_mismatch_is_a_clear_error(emulator, runtime_package):
     """A function deployed under the expected name with other versions: error, never a hang."""
     from dask_lithops.serverless.backends.aws_lambda import AWSLambdaBackend, resolve_config

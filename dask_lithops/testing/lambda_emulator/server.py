@@ -334,14 +334,22 @@ class LambdaEmulator:
     event_retry_delays:
         Delays before the retries of a failed Event invocation (Lambda: 60 s,
         120 s); the number of retries is the function's MaximumRetryAttempts.
+    invoke_rate_limit:
+        Event invokes accepted per second (a token bucket holding one second's
+        worth); above it they get 429 ``TooManyRequestsException`` like Lambda's
+        request-rate throttling.  ``None``: no limit.  May be changed while running.
     """
 
     def __init__(self, sandbox: bool | None = None, account_concurrency: int = 100,
                  log_dir: str | os.PathLike | None = None, idle_timeout: float = 300.0,
                  host: str = "127.0.0.1", port: int = 0, region: str = "us-east-1",
                  prewarm: int = 2, event_retry_delays: tuple = (60.0, 120.0),
-                 runtime_cache: str | os.PathLike | None = None):
+                 runtime_cache: str | os.PathLike | None = None,
+                 invoke_rate_limit: float | None = None):
         self.sandbox_requested = sandbox
+        self.invoke_rate_limit = invoke_rate_limit
+        self._rate_tokens = 0.0
+        self._rate_time = 0.0
         self.account_concurrency = int(account_concurrency)
         self.log_dir_arg = log_dir
         self.idle_timeout = float(idle_timeout)
@@ -920,6 +928,10 @@ class LambdaEmulator:
         inv = Invocation(fn, payload, kind, tail, client_context)
         self.stats["invocations"] += 1
         if kind == "Event":
+            if self.invoke_rate_limit and not self._take_rate_token():
+                self.stats["rate_throttles"] += 1
+                raise LambdaError("TooManyRequestsException", 429, "Rate Exceeded.",
+                                  headers={"Retry-After": "1"}, Reason="CallerRateLimitExceeded")
             if len(fn.queue) >= MAX_EVENT_QUEUE:
                 raise LambdaError("TooManyRequestsException", 429, "Rate Exceeded.",
                                   headers={"Retry-After": "1"}, Reason="CallerRateLimitExceeded")
@@ -937,6 +949,16 @@ class LambdaEmulator:
                               headers={"Retry-After": "1"}, Reason=reason)
         self._remember(inv)
         return inv
+
+    def _take_rate_token(self) -> bool:
+        rate = float(self.invoke_rate_limit)
+        now = time.monotonic()
+        self._rate_tokens = min(rate, self._rate_tokens + (now - self._rate_time) * rate)
+        self._rate_time = now
+        if self._rate_tokens < 1:
+            return False
+        self._rate_tokens -= 1
+        return True
 
     def _remember(self, inv: Invocation) -> None:
         self._invocations[inv.request_id] = inv
@@ -1812,7 +1834,9 @@ class _EventFastPath(httputil.HTTPMessageDelegate):
         if self.fast:
             payload = b"".join(self.chunks) or b"{}"
             inv = None
-            if len(payload) <= ASYNC_PAYLOAD_LIMIT and not self.headers.get("X-Amz-Client-Context"):
+            # a rate limit's 429 is answered by the full handler (counted once)
+            if len(payload) <= ASYNC_PAYLOAD_LIMIT and not self.headers.get("X-Amz-Client-Context") \
+                    and not self.core.invoke_rate_limit:
                 try:
                     json.loads(payload)
                     inv = self.core.invoke(self.core.resolve(self.name), payload, "Event",
