@@ -245,7 +245,9 @@ class LithopsCluster(SpecCluster):
             },
         }
         if not scheduler_spec["options"]["dashboard"]:
-            scheduler_spec["options"]["dashboard_address"] = None
+            # no dashboard: the http server (health, metrics) still runs; a random
+            # port keeps it off :8787 so it never collides with a real dashboard
+            scheduler_spec["options"]["dashboard_address"] = ":0"
         self._worker_template = {"cls": self.launcher,
                                  "options": {"cluster": weakref.ref(self)}}
         level = opts["silence_logs"]
