@@ -275,6 +275,9 @@ class ServerlessCluster(LithopsCluster):
     # ------------------------------------------------------------------ lifecycle
 
     async def _start(self):
+        # SpecCluster.__init__ runs _start (and launches n_workers) before our __init__ ends
+        self.lifetime = self.worker_lifetime
+        self.lifetime_stagger = 0.0
         if self.status == Status.created or self.function_name is None:
             await asyncio.get_running_loop().run_in_executor(self._invoke_pool,
                                                              self.ensure_runtime)
@@ -313,7 +316,8 @@ class ServerlessCluster(LithopsCluster):
         # it (runtime versions from package metadata, config difference) took ~5 ms, more
         # than the invoke itself.  The config is snapshotted by scale() (see there).
         template = self._payload_template
-        if template is None or template.scheduler_address != self.worker_scheduler_address:
+        if template is None or template.scheduler_address != self.worker_scheduler_address \
+                or template.lifetime != self.lifetime:
             template = self._payload_template = super().launch_payload(name)
         relay = None
         if template.relay is not None:
