@@ -228,10 +228,9 @@ def main():
 
     sandbox = os.geteuid() == 0
     # idle_timeout: environments of one size are reaped before the next size starts, so
-    # every size cold-starts its workers.  prewarm: network namespaces are made before the
-    # burst (on AWS the sandboxes' setup is not the client's CPU)
-    with EmulatorProcess(sandbox=sandbox, account_concurrency=1000, idle_timeout=2.0,
-                         prewarm=max(args.sizes) + 2) as emu:
+    # every size cold-starts its workers.  (A bigger namespace ``prewarm`` made it worse:
+    # the pool refills to it during the burst.)
+    with EmulatorProcess(sandbox=sandbox, account_concurrency=1000, idle_timeout=2.0) as emu:
         print(f"emulator {emu.endpoint_url} (pid {emu.process.pid}) sandboxed={emu.sandboxed}",
               flush=True)
         for n in args.sizes:
