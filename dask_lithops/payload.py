@@ -32,6 +32,9 @@ _SECURITY_FIELDS = (
 )
 
 
+_SAME_AS = "same-as:"
+
+
 class PayloadError(ValueError):
     """A launch payload is malformed."""
 
@@ -91,6 +94,16 @@ def security_to_dict(security) -> dict | None:
     extra = getattr(security, "extra_conn_args", None)
     if extra:
         out["extra_conn_args"] = dict(extra)
+    # Security.temporary() uses one certificate as CA, worker and client cert:
+    # ship each PEM once (a FaaS event has a size limit), refer to it by field name.
+    first_of: dict[str, str] = {}
+    for name in _SECURITY_FIELDS:
+        value = out.get(name)
+        if isinstance(value, str) and value.lstrip().startswith("-----BEGIN"):
+            if value in first_of:
+                out[name] = _SAME_AS + first_of[value]
+            else:
+                first_of[value] = name
     return out
 
 
@@ -103,6 +116,9 @@ def security_from_dict(data: dict | None):
 
     data = dict(data)
     extra = data.pop("extra_conn_args", None) or {}
+    for name, value in list(data.items()):
+        if isinstance(value, str) and value.startswith(_SAME_AS):
+            data[name] = data[value[len(_SAME_AS):]]
     for name in ("tls_min_version", "tls_max_version"):
         if data.get(name) is not None:
             data[name] = ssl.TLSVersion(data[name])
