@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import io
-import json
 import multiprocessing as mp
 import os
 import statistics

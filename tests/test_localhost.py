@@ -16,7 +16,6 @@ import pytest
 from distributed import Client, wait
 
 from dask_lithops import LocalhostCluster
-from dask_lithops.cluster import WorkerLaunchError
 from dask_lithops.payload import LaunchPayload, encode
 
 

@@ -32,7 +32,7 @@ import dask.dataframe
 import numpy as np
 import pandas as pd
 import pytest
-from distributed import Client, LocalCluster, Nanny, Scheduler, Security, Worker, wait
+from distributed import Client, LocalCluster, Nanny, Scheduler, Security, Worker
 from distributed.comm import connect, listen
 from distributed.comm.core import CommClosedError, FatalCommClosedError
 
@@ -42,7 +42,7 @@ from dask_lithops.relay import (
     relay_security,
     worker_addresses,
 )
-from dask_lithops.relay.comm import RelayBackend, RelayTCP, RelayTLS
+from dask_lithops.relay.comm import RelayBackend, RelayTLS
 from dask_lithops.relay.protocol import (
     TOKEN_ENV,
     client_handshake,

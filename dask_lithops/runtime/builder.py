@@ -16,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import importlib.metadata as md
-import io
 import json
 import os
 import platform

@@ -12,11 +12,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import json
 import logging
 import time
 import uuid
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from dask.utils import parse_timedelta
 from distributed.core import Status

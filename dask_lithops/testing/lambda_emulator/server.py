@@ -916,7 +916,7 @@ class LambdaEmulator:
         for lv in self._layers.get(name, []):
             if str(lv.version) == str(version):
                 return lv
-        raise _not_found(f"The resource you requested does not exist.")
+        raise _not_found("The resource you requested does not exist.")
 
     # ------------------------------------------------------------- invocations
 
