@@ -10,6 +10,7 @@ by worker name, and logs.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import secrets
@@ -224,6 +225,7 @@ class LithopsCluster(SpecCluster):
         else:
             self._security = Security()
         if self.relay_enabled:
+            self._security = copy.copy(self._security)  # never put our token in the caller's
             self._security.extra_conn_args = {
                 **(self._security.extra_conn_args or {}),
                 "relay_token": secrets.token_urlsafe(32),
