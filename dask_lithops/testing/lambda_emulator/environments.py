@@ -94,6 +94,14 @@ class CgroupV1Memory:
             return False
 
     @staticmethod
+    def hit_limit(d: Path) -> bool:
+        """The cgroup's usage reached its limit at least once (memory.failcnt)."""
+        try:
+            return int((d / "memory.failcnt").read_text()) > 0
+        except (OSError, ValueError):
+            return False
+
+    @staticmethod
     def max_usage(d: Path) -> int | None:
         try:
             return int((d / "memory.max_usage_in_bytes").read_text())

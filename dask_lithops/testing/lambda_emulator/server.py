@@ -1409,7 +1409,11 @@ class LambdaEmulator:
         env.exited = True
         inv = env.inv
         if inv is not None and not inv.done:
-            oom = h.cgroup is not None and envmod.CgroupV1Memory.oom_killed(h.cgroup)
+            # oom_kill is not always counted in the environment's own cgroup (the
+            # kill can come from the hierarchy's OOM path); SIGKILL at the limit is OOM too
+            oom = h.cgroup is not None and (
+                envmod.CgroupV1Memory.oom_killed(h.cgroup)
+                or (rc == -9 and envmod.CgroupV1Memory.hit_limit(h.cgroup)))
             desc = envmod.exit_description(rc)
             if env.init_error is not None:
                 payload = env.init_error
