@@ -129,8 +129,12 @@ def _requirements(dist: md.Distribution, extras: set[str] = frozenset()) -> list
     return out
 
 
-def closure(roots: list[str], exclude=PROVIDED) -> dict[str, md.Distribution]:
-    """Installed distributions ``roots`` need (``name`` or ``name[extra]``), minus ``exclude``."""
+def closure(roots: list[str], exclude=PROVIDED,
+            hint: str = "or remove it from extra_packages") -> dict[str, md.Distribution]:
+    """Installed distributions ``roots`` need (``name`` or ``name[extra]``), minus ``exclude``.
+
+    A missing one is a :class:`RuntimeBuildError` naming it, ending with ``hint``.
+    """
     seen: dict[str, md.Distribution] = {}
     todo = [Requirement(r) for r in roots]
     while todo:
@@ -143,7 +147,7 @@ def closure(roots: list[str], exclude=PROVIDED) -> dict[str, md.Distribution]:
         except md.PackageNotFoundError:
             raise RuntimeBuildError(
                 f"{req.name!r} is needed in the runtime but not installed on this client; "
-                f"install it (pip install {req.name}) or remove it from extra_packages") from None
+                f"install it (pip install {req.name}) {hint}") from None
         if name in seen and not req.extras:
             continue
         seen[name] = dist

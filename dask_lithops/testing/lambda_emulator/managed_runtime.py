@@ -14,14 +14,12 @@ from __future__ import annotations
 import fcntl
 import importlib.metadata as md
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from packaging.requirements import Requirement
 
 ROOT_DISTRIBUTIONS = ("awslambdaric", "boto3")
 
@@ -29,31 +27,12 @@ ROOT_DISTRIBUTIONS = ("awslambdaric", "boto3")
 PYTHON_RUNTIMES = tuple(f"python3.{m}" for m in range(8, 15))
 
 
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def runtime_distributions(roots=ROOT_DISTRIBUTIONS) -> list[md.Distribution]:
     """The installed distributions ``roots`` need, resolved through their metadata."""
-    seen: dict[str, md.Distribution] = {}
-    todo = list(roots)
-    while todo:
-        name = _canonical(todo.pop())
-        if name in seen:
-            continue
-        try:
-            dist = md.distribution(name)
-        except md.PackageNotFoundError:
-            raise RuntimeError(
-                f"the Lambda emulator's runtime needs {name!r}, which is not installed "
-                f"(pip install 'dask-lithops[emulator]')") from None
-        seen[name] = dist
-        for req in dist.requires or ():
-            r = Requirement(req)
-            if r.marker is not None and not r.marker.evaluate({"extra": ""}):
-                continue
-            todo.append(r.name)
-    return list(seen.values())
+    from dask_lithops.runtime.builder import closure
+
+    return list(closure(list(roots), exclude=frozenset(),
+                        hint="(pip install 'dask-lithops[emulator]')").values())
 
 
 def _cache_root() -> Path:
