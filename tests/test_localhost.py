@@ -104,7 +104,14 @@ def test_upload_file(client, tmp_path):
 
 
 def test_get_logs_has_each_workers_log(client):
+    client.submit(lambda: print("dl-task-output-marker"), workers=["localhost-0"],
+                  pure=False).result()
+    deadline = time.time() + 10
+    while "dl-task-output-marker" not in (client.cluster.workers["localhost-0"].logs() or ""):
+        assert time.time() < deadline, "a task's print never reached its worker's log"
+        time.sleep(0.1)
     logs = client.cluster.get_logs()
+    assert "dl-task-output-marker" in logs["localhost-0 (process)"]
     for name in ("localhost-0", "localhost-1"):
         assert f"{name} (process)" in logs
         assert "Start Nanny at" in logs[f"{name} (process)"] or \

@@ -25,6 +25,7 @@ class LocalhostWorker(WorkerLauncher):
 
     process: asyncio.subprocess.Process | None = None
     log_path: str | None = None
+    _stdout_log = None
 
     async def launch(self, payload: LaunchPayload) -> None:
         cluster = self.cluster
@@ -80,14 +81,26 @@ class LocalhostWorker(WorkerLauncher):
             self._append_log(line)
 
     def _append_log(self, line: bytes) -> None:
-        with open(self.log_path, "ab") as f:
-            f.write(line)
+        if self._stdout_log is None:  # opened once: chatty tasks print line by line
+            self._stdout_log = open(self.log_path, "ab", buffering=0)
+        self._stdout_log.write(line)
 
     def _tail(self, n: int = 30) -> str:
         text = self.logs() or ""
         return "\n".join(text.splitlines()[-n:])
 
     async def stop(self) -> None:
+        try:
+            await self._stop_process()
+            drain = getattr(self, "_drain", None)
+            if drain is not None:  # the last lines of output, then EOF
+                await asyncio.wait([drain], timeout=5)
+        finally:
+            if self._stdout_log is not None:
+                self._stdout_log.close()
+                self._stdout_log = None
+
+    async def _stop_process(self) -> None:
         proc = self.process
         if proc is None or proc.returncode is not None:
             self._kill_group(signal.SIGKILL)
