@@ -107,8 +107,14 @@ def deploy(client, name, handler="app.echo", code=CODE, **kw):
 
 
 def invoke(client, name, event=None, **kw):
+    kw.setdefault("InvocationType", "RequestResponse")
+    if kw["InvocationType"] == "RequestResponse":
+        kw.setdefault("LogType", "Tail")
     r = client.invoke(FunctionName=name, Payload=json.dumps(event or {}), **kw)
     r["Body"] = json.loads(r["Payload"].read())
+    if "FunctionError" in r and "LogResult" in r:  # shown by pytest when a test fails
+        print(f"invocation of {name} failed: {r['Body']}\n"
+              + base64.b64decode(r["LogResult"]).decode("utf-8", "replace"))
     return r
 
 
@@ -377,8 +383,9 @@ def test_idle_environments_are_reaped():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
         r = invoke(c, "echo")
-        assert "FunctionError" not in r, (r["Body"], emu.invocation_log(
-            r["ResponseMetadata"]["RequestId"]))
+        if "FunctionError" in r:
+            pytest.fail("the invocation after reaping failed: %s\n--- its log ---\n%s" % (
+                r["Body"], emu.invocation_log(r["ResponseMetadata"]["RequestId"])))
         assert r["Body"]["pid"] != pid
         assert emu.invocation(r["ResponseMetadata"]["RequestId"]).cold
 

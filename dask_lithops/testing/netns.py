@@ -72,6 +72,13 @@ def _global_lock():
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _local_mac() -> str:
+    """A random locally administered unicast MAC address."""
+    octets = bytearray(os.urandom(6))
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in octets)
+
+
 def _subnets_in_use() -> list[ipaddress.IPv4Network]:
     out = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
     nets = []
@@ -113,7 +120,10 @@ class Bridge:
                 else:
                     raise RuntimeError("no free /24 left in 10.213.0.0/16 for a test bridge")
             self.gateway = self._gateway_arg or str(next(self.subnet.hosts()))
-            _ip("link", "add", "name", self.name, "type", "bridge")
+            # A bridge whose address is not set takes the lowest MAC among its ports, so it
+            # changes as namespaces come and go; hosts that cached the old one then send
+            # to nobody until ARP times out (a dropped SYN, a connect stuck for a second).
+            _ip("link", "add", "name", self.name, "address", _local_mac(), "type", "bridge")
             self.created = True
             _ip("addr", "add", f"{self.gateway}/{self.subnet.prefixlen}", "dev", self.name)
             _ip("link", "set", self.name, "up")
