@@ -11,6 +11,10 @@ import collections
 import io
 import os
 import re
+import signal
+import subprocess
+import sys
+import textwrap
 import time
 import zipfile
 
@@ -364,3 +368,37 @@ def test_runtime_version_mismatch_is_a_clear_error(emulator, runtime_package):
         make_cluster(emulator, runtime_memory=memory, n_workers=2)
     assert time.monotonic() - t0 < 60
     assert len([i for i in emulator.invocations() if i.kind == "Event"]) == events_before
+
+
+def test_sigkilled_client_leaves_no_invocation_running(emulator, runtime_package, tmp_path):
+    """The client dies with SIGKILL: its functions notice the lost scheduler and return
+    within death_timeout, long before their own timeout (nothing keeps billing)."""
+    script = tmp_path / "client.py"
+    script.write_text(textwrap.dedent(f"""
+        import time
+        from distributed import Client
+        from dask_lithops.serverless import ServerlessCluster
+        cluster = ServerlessCluster(
+            endpoint_url={emulator.endpoint_url!r}, contact_address={emulator.host_address!r},
+            extra_packages={EXTRA!r}, runtime_memory=1024, runtime_timeout=120,
+            death_timeout="5s", n_workers=2, dashboard_address=None)
+        client = Client(cluster)
+        client.wait_for_workers(2, timeout=120)
+        assert client.submit(lambda x: x + 1, 41).result() == 42
+        print(cluster.function_name, flush=True)
+        time.sleep(600)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        fn = proc.stdout.readline().strip()
+        assert fn, "the client did not come up"
+        assert len(busy_environments(emulator, fn)) == 2
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed_at = time.monotonic()
+    assert wait_no_busy(emulator, fn, timeout=5 + 25) == []
+    assert time.monotonic() - killed_at < 5 + 25
+    workers = [i for i in emulator.invocations(fn) if i.kind == "Event"]
+    assert len(workers) >= 2
+    assert all(i.status == "succeeded" and i.duration_ms < 60_000 for i in workers), workers
