@@ -59,6 +59,14 @@ DASK = os.path.join(os.path.dirname(sys.executable), "dask")
 pytestmark = pytest.mark.timeout(120)
 
 # Both ways the relay forwards bytes: os.splice (Linux) and the buffered copy.
+@pytest.fixture(autouse=True)
+def splice_unless_direct():
+    """Most tests here are about the relay's splice: direct paths are off unless a test
+    turns them on (``lithops.relay.direct``, on by default for users)."""
+    with dask.config.set({"lithops.relay.direct": False}):
+        yield
+
+
 copy_modes = pytest.mark.parametrize("zero_copy", [
     pytest.param(True, id="zero-copy", marks=pytest.mark.skipif(
         not ZERO_COPY_AVAILABLE, reason="os.splice not available")),
@@ -105,7 +113,8 @@ def test_backend_registered_through_entry_point():
 # in-process: Worker and Nanny behind the relay on loopback
 
 
-def test_workers_and_nanny_behind_relay_in_process():
+@pytest.mark.parametrize("direct", [False, True], ids=["spliced", "direct"])
+def test_workers_and_nanny_behind_relay_in_process(direct):
     async def main():
         sec = relay_security(TOKEN)
         async with RelayServer("127.0.0.1", 0, token=TOKEN) as relay, \
@@ -122,10 +131,14 @@ def test_workers_and_nanny_behind_relay_in_process():
             x = c.submit(np.arange, 1_000_000, workers=[wa.address])
             y = c.submit(np.sum, x, workers=[nb.worker_address])
             assert await y == np.arange(1_000_000).sum()
-            assert relay.bytes_relayed > 8_000_000  # the array crossed the relay
+            if direct:  # only the one-byte path choices crossed the relay
+                assert relay.bytes_relayed < 1000, relay.bytes_relayed
+            else:
+                assert relay.bytes_relayed > 8_000_000  # the array crossed the relay
             # the scheduler reaches the nanny through the relay as well
             assert len(await c.run(os.getpid, nanny=True)) == 1
-    asyncio.run(main())
+    with dask.config.set({"lithops.relay.direct": direct}):
+        asyncio.run(main())
 
 
 def test_wrong_or_missing_token_refused_and_logged(caplog):
@@ -517,7 +530,7 @@ def _wait_port_free(host, port, timeout=10):
 
 @contextlib.contextmanager
 def sandbox_cluster(world, *, relay: bool = True, tls: bool = False, nanny=(1,),
-                    worker_token: str = TOKEN):
+                    worker_token: str = TOKEN, direct: bool = False):
     """Scheduler (+ relay process) on the bridge, one ``dask worker`` per sandbox."""
     bridge, hosts = world
     gw = bridge.gateway
@@ -540,11 +553,13 @@ def sandbox_cluster(world, *, relay: bool = True, tls: bool = False, nanny=(1,),
     try:
         if relay_proc is not None:
             relay_proc.start()
-        with LocalCluster(n_workers=0, host=gw, scheduler_port=0, dashboard_address=":0",
-                          security=sec, protocol="tls://" if tls else "tcp://") as cluster, \
+        with dask.config.set({"lithops.relay.direct": direct}), \
+                LocalCluster(n_workers=0, host=gw, scheduler_port=0, dashboard_address=":0",
+                             security=sec, protocol="tls://" if tls else "tcp://") as cluster, \
                 Client(cluster, security=sec) as client:
             env = dict(os.environ, **{TOKEN_ENV: worker_token},
-                       DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="10s")
+                       DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="10s",
+                       DASK_LITHOPS__RELAY__DIRECT=str(direct))
             for i, host in enumerate(hosts):
                 args = [DASK, "worker", cluster.scheduler_address, "--nthreads", "1",
                         "--name", f"sbx-{i}", "--no-dashboard", "--memory-limit", "0",
@@ -711,3 +726,48 @@ def test_sandbox_tls_through_relay(world):
         listeners = client.run(lambda dask_worker: (type(dask_worker.listener).__name__,
                                                     dask_worker.listener.encrypted))
         assert set(listeners.values()) == {("RelayListener", True)}
+
+
+@contextlib.contextmanager
+def _blocked_between(hosts):
+    """nft in each sandbox: drop everything to the other sandboxes (the relay stays reachable)."""
+    for h in hosts:
+        others = ", ".join(o.address for o in hosts if o is not h)
+        rules = ("table inet dltest {\n chain out {\n  type filter hook output priority 0;\n"
+                 f"  ip daddr {{ {others} }} drop\n }}\n}}\n")
+        h.run(["nft", "-f", "-"], input=rules, check=True)
+    try:
+        yield
+    finally:
+        for h in hosts:
+            h.run(["nft", "delete", "table", "inet", "dltest"])
+
+
+@netns
+@pytest.mark.parametrize("blocked", [False, True], ids=["direct", "fallback"])
+def test_sandbox_direct_path_or_relay_fallback(world, blocked):
+    """Sandboxes accept no inbound connection, yet two of them can talk directly: both
+    dial at once from their relay legs' ports (TCP simultaneous open). Where that is
+    impossible, the relay carries the stream."""
+    bridge, hosts = world
+
+    def peer_hosts(dask_worker):  # where the worker's pooled comms to peers really lead
+        out = {}
+        for addr, comms in dask_worker.rpc.available.items():
+            if addr.startswith("relay://") and addr != dask_worker.address:
+                for comm in comms:
+                    out.setdefault(addr, set()).add(comm.stream.socket.getpeername()[0])
+        return {a: sorted(h) for a, h in out.items()}
+
+    guard = _blocked_between(hosts) if blocked else contextlib.nullcontext()
+    with guard, sandbox_cluster(world, direct=True) as client:
+        client.wait_for_workers(2, timeout=30)
+        a, b = _by_worker(client)
+        _graphs(client)
+        peers = client.run(peer_hosts)
+        assert peers[a].get(b) and peers[b].get(a), peers
+        for w, other, ns in ((a, b, hosts[1]), (b, a, hosts[0])):
+            if blocked:
+                assert peers[w][other] == [bridge.gateway], peers  # through the relay
+            else:
+                assert ns.address in peers[w][other], peers  # straight to the other sandbox

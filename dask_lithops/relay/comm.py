@@ -39,6 +39,7 @@ from distributed.comm.registry import Backend
 from distributed.comm.tcp import MAX_BUFFER_SIZE, TCP, TLS
 from distributed.utils import ensure_ip, get_ip
 
+from dask_lithops.relay import direct
 from dask_lithops.relay.protocol import (
     HEADER,
     MAX_FRAME,
@@ -114,9 +115,13 @@ class RelayConnector(Connector):
                 f"no relay token to connect to {PREFIX + address}: use Security("
                 "extra_conn_args={'relay_token': ...}) or $" + TOKEN_ENV)
 
-        sock = await open_relay_socket(a.host, a.port)
+        key = f"{a.relay}/{a.worker_id}"
+        want_direct = direct.enabled() and direct.worth_trying(key)
+        sock = await open_relay_socket(a.host, a.port, reusable=want_direct)
         try:
-            await client_handshake(sock, token, "connect", a.worker_id)
+            reply = await client_handshake(sock, token, "connect", a.worker_id,
+                                           direct=want_direct)
+            sock = await _connector_path(sock, reply, token, want_direct, key)
         except RelayRefused as e:
             sock.close()
             if e.fatal:
@@ -309,7 +314,8 @@ class RelayListener(BaseListener):
                     while True:
                         msg = await asyncio.wait_for(_read_frame(reader), silence)
                         if msg.get("op") == "dial" and isinstance(msg.get("conn"), str):
-                            self._spawn(self._dial_back(msg["conn"], msg.get("peer")))
+                            self._spawn(self._dial_back(msg["conn"], msg.get("peer"),
+                                                        msg.get("direct") is True))
                 finally:
                     pinger.cancel()
             except asyncio.CancelledError:
@@ -353,15 +359,19 @@ class RelayListener(BaseListener):
         except (OSError, RuntimeError):
             writer.close()
 
-    async def _dial_back(self, cid: str, peer: str | None) -> None:
+    async def _dial_back(self, cid: str, peer: str | None, peer_direct: bool = False) -> None:
         a = self.address
         peer_addr = ("tls://" if self.ssl_context else "tcp://") + (peer or "unknown:0")
         stream = None
+        want_direct = peer_direct and direct.enabled()
         try:
-            sock = await asyncio.wait_for(open_relay_socket(a.host, a.port), _timeout())
+            sock = await asyncio.wait_for(
+                open_relay_socket(a.host, a.port, reusable=want_direct), _timeout())
             try:
-                await asyncio.wait_for(
-                    client_handshake(sock, self._token, "accept", a.worker_id, cid), _timeout())
+                reply = await asyncio.wait_for(
+                    client_handshake(sock, self._token, "accept", a.worker_id, cid,
+                                     direct=want_direct), _timeout())
+                sock = await _acceptor_path(sock, reply, self._token, cid, want_direct)
             except BaseException:
                 sock.close()
                 raise
@@ -394,6 +404,63 @@ class RelayListener(BaseListener):
                         peer_addr)
             return
         await self.comm_handler(comm)
+
+
+async def _connector_path(leg: socket.socket, reply: dict, token: str, want_direct: bool,
+                          key: str) -> socket.socket:
+    """Try the direct path if both ends want it; announce the outcome on the relay leg."""
+    loop = asyncio.get_running_loop()
+    chosen = None
+    if want_direct and reply.get("direct") is True:
+        peer, cid = direct.parse_endpoint(reply.get("peer")), reply.get("conn")
+        if peer is not None and isinstance(cid, str):
+            chosen = await direct.open_direct(leg, peer, token=token, conn=cid, role="connect",
+                                              timeout=direct.attempt_timeout())
+            if chosen is None:
+                direct.remember_failure(key)
+    if chosen is None:
+        await loop.sock_sendall(leg, direct.USE_RELAY)
+        return leg
+    try:
+        await loop.sock_sendall(leg, direct.USE_DIRECT)
+    except BaseException:
+        chosen.close()
+        raise
+    leg.close()
+    return chosen
+
+
+async def _acceptor_path(leg: socket.socket, reply: dict, token: str, cid: str,
+                         want_direct: bool) -> socket.socket:
+    """Try the direct path alongside the connector; take the one its first byte names."""
+    loop = asyncio.get_running_loop()
+    attempt = None
+    peer = direct.parse_endpoint(reply.get("peer"))
+    if want_direct and reply.get("direct") is True and peer is not None:
+        attempt = asyncio.ensure_future(direct.open_direct(
+            leg, peer, token=token, conn=cid, role="accept", timeout=direct.attempt_timeout()))
+    try:
+        choice = await asyncio.wait_for(loop.sock_recv(leg, 1), _timeout())
+    except BaseException:
+        _drop(attempt)
+        raise
+    if choice == direct.USE_DIRECT and attempt is not None:
+        chosen = await asyncio.wait_for(attempt, direct.attempt_timeout() + _timeout())
+        if chosen is None:
+            raise ConnectionError("the connecting side chose a direct path that failed here")
+        leg.close()
+        return chosen
+    _drop(attempt)
+    if choice != direct.USE_RELAY:
+        raise RelayProtocolError(f"unexpected path choice {choice!r} from the connecting side")
+    return leg
+
+
+def _drop(attempt: asyncio.Future | None) -> None:
+    """Abandon a direct attempt, closing its socket if it got one anyway."""
+    if attempt is not None:
+        attempt.cancel()
+        attempt.add_done_callback(direct.close_result)
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> dict:

@@ -15,12 +15,16 @@ HMAC over a fresh nonce, so a captured hello cannot be replayed.
 ``register``  a worker's control connection (stays open; carries ``dial``,
               ``ping``/``pong`` and ``reject`` frames afterwards);
 ``connect``   someone wants to reach worker ``id``; after ``ok`` the socket
-              is spliced to the worker's dial-back connection;
+              is spliced to the worker's dial-back connection (``ok``
+              carries the worker's ``accept`` leg as the relay saw it, and
+              whether the worker will try a direct path: ``relay.direct``);
 ``accept``    a worker dialling back for pending connection ``conn``; after
               ``ok`` the socket is spliced to the waiting ``connect``.
 
-After ``ok`` on ``connect``/``accept`` the relay copies bytes only; TLS (when
-the cluster uses it) is negotiated end to end inside that byte stream.
+After ``ok`` on ``connect``/``accept`` the relay copies bytes only; the first
+byte the connecting side sends says whether the comm continues there or on a
+direct connection (``relay.direct``); TLS (when the cluster uses it) is
+negotiated end to end after it.
 """
 
 from __future__ import annotations
@@ -177,8 +181,12 @@ async def recv_frame(loop, sock: socket.socket) -> dict:
     return unpack(await _recv_exactly(loop, sock, n))
 
 
-async def open_relay_socket(host: str, port: int) -> socket.socket:
-    """Connect a non-blocking TCP socket to the relay (numeric or resolvable host)."""
+async def open_relay_socket(host: str, port: int, reusable: bool = False) -> socket.socket:
+    """Connect a non-blocking TCP socket to the relay (numeric or resolvable host).
+
+    ``reusable``: bind it first with SO_REUSEADDR/SO_REUSEPORT so that a direct
+    connection can later leave from the same local port (see ``relay.direct``).
+    """
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     last: Exception | None = None
@@ -186,6 +194,11 @@ async def open_relay_socket(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, type_, proto)
         sock.setblocking(False)
         try:
+            if reusable:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if hasattr(socket, "SO_REUSEPORT"):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
             await loop.sock_connect(sock, sockaddr)
         except OSError as e:
             sock.close()
@@ -200,7 +213,7 @@ async def open_relay_socket(host: str, port: int) -> socket.socket:
 
 
 async def client_handshake(sock: socket.socket, token: str, op: str, worker_id: str,
-                           conn: str = "") -> dict:
+                           conn: str = "", **extra) -> dict:
     """Run the hello exchange on *sock*; return the relay's ``ok`` reply.
 
     Raises :class:`RelayRefused` when the relay says no.
@@ -210,7 +223,7 @@ async def client_handshake(sock: socket.socket, token: str, op: str, worker_id: 
     nonce = challenge.get("nonce")
     if not isinstance(nonce, bytes) or challenge.get("v") != VERSION:
         raise RelayProtocolError("peer is not a dask-lithops relay (bad challenge)")
-    hello = {"op": op, "id": worker_id, "conn": conn,
+    hello = {**extra, "op": op, "id": worker_id, "conn": conn,
              "mac": mac(token, nonce, op, worker_id, conn)}
     await loop.sock_sendall(sock, MAGIC + pack(hello))
     reply = await recv_frame(loop, sock)

@@ -79,6 +79,7 @@ class _Conn(asyncio.BufferedProtocol):
         self.peername = "?"
         self.worker_id: str | None = None
         self.cid: str | None = None
+        self.direct = False  # this end will try a direct path (relay.direct)
         self.eof = False
         self.last_seen = time.monotonic()
         self._hello_timer: asyncio.TimerHandle | None = None
@@ -551,10 +552,11 @@ class RelayServer:
         cid = secrets.token_hex(16)
         conn.state = _WAITING
         conn.cid = cid
+        conn.direct = msg.get("direct") is True
         timer = asyncio.get_running_loop().call_later(
             self.dial_timeout, self._fail_pending, cid, "worker did not dial back in time")
         self._pending[cid] = (wid, conn, timer)
-        ctrl.send({"op": "dial", "conn": cid, "peer": conn.peername})
+        ctrl.send({"op": "dial", "conn": cid, "peer": conn.peername, "direct": conn.direct})
 
     def _fail_pending(self, cid: str, reason: str) -> None:
         entry = self._pending.pop(cid, None)
@@ -578,6 +580,7 @@ class RelayServer:
                          warn=False)
             return
         del self._pending[cid]
+        conn.direct = msg.get("direct") is True
         _, client, timer = entry
         timer.cancel()
         if client.state != _WAITING:
@@ -589,8 +592,9 @@ class RelayServer:
         a.peer, b.peer = b, a
         a.state = b.state = _SPLICE
         self.streams += 2
-        a.send({"ok": True})
-        b.send({"ok": True, "peer": a.peername})
+        # each end learns where the relay saw the other come from: a direct path's target
+        a.send({"ok": True, "peer": b.peername, "conn": a.cid, "direct": b.direct})
+        b.send({"ok": True, "peer": a.peername, "direct": a.direct})
         if self._start_zero_copy(a, b):
             return
         for src, dst in ((a, b), (b, a)):
