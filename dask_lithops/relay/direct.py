@@ -5,7 +5,9 @@ let in packets that answer one a process sent out.  When both ends of a relay
 connection are ready to try (``lithops.relay.direct``), each opens a second
 socket *from the local port of its relay leg* to the address the relay saw that
 leg come from, at the same time: each side's SYN opens its own firewall (or NAT
-mapping) for the other's, and TCP's simultaneous open joins them.  Both sides
+mapping) for the other's, and TCP's simultaneous open joins them (the accepting
+side also listens on that port, which joins them where nothing drops the first
+SYN, e.g. on one host).  Both sides
 then prove they hold the cluster's relay token for this connection id
 (:func:`direct_mac`), and the connecting side announces the outcome with one
 byte on the relay leg, which the accepting side always reads first:
@@ -39,7 +41,7 @@ MAC_BYTES = 32
 RETRY_INTERVAL = 0.005  # after a RST: the peer's own SYN is not out yet
 FAILURE_MEMORY = 300.0
 
-_failed: dict[str, float] = {}  # worker id -> when a direct attempt to it last failed
+_failed: dict[str, float] = {}  # relay/worker -> when a direct attempt to it last failed
 
 
 def enabled() -> bool:
@@ -60,12 +62,17 @@ def remember_failure(worker_id: str) -> None:
     _failed[worker_id] = time.monotonic()
 
 
-def reusable_socket(family: int = socket.AF_INET) -> socket.socket:
-    """A non-blocking TCP socket whose local port a second socket may share."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def share_port(sock: socket.socket) -> None:
+    """Let other sockets bind the local port ``sock`` is about to bind."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if hasattr(socket, "SO_REUSEPORT"):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+
+def reusable_socket(family: int = socket.AF_INET) -> socket.socket:
+    """A non-blocking TCP socket whose local port a second socket may share."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    share_port(sock)
     sock.setblocking(False)
     return sock
 

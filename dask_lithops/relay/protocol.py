@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import msgpack
 
+from dask_lithops.relay.direct import share_port
+
 MAGIC = b"DLR1"
 VERSION = 1
 MAX_FRAME = 64 * 1024
@@ -195,9 +197,7 @@ async def open_relay_socket(host: str, port: int, reusable: bool = False) -> soc
         sock.setblocking(False)
         try:
             if reusable:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if hasattr(socket, "SO_REUSEPORT"):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                share_port(sock)
                 sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
             await loop.sock_connect(sock, sockaddr)
         except OSError as e:
