@@ -83,6 +83,39 @@ def test_create_compute_close(ec2_world):
     assert not ec2_world.booter.errors
 
 
+def test_remote_scheduler_runs_on_a_master_vm(ec2_world):
+    """scheduler="remote": the scheduler gets a VM of its own, of master_instance_type
+    (Lithops' master VM; dask-cloudprovider's scheduler instance), reached through SSH."""
+    from distributed import Client
+
+    with cluster(ec2_world, n_vms=2, exec_mode="create", scheduler="remote",
+                 master_instance_type="t3.small", worker_instance_type="t3.micro") as c, \
+            Client(c) as client:
+        client.wait_for_workers(2, timeout=90)
+        ids = [v.instance_id for v in c.vms]
+        masters = [v for v in c.vms if v.instance_id in c.provider.master_ids]
+        workers = [v for v in c.vms if v.instance_id not in c.provider.master_ids]
+        assert len(masters) == 1 and len(workers) == 2
+        types = {i["InstanceId"]: i["InstanceType"] for i in ec2_world.instances()}
+        assert types[masters[0].instance_id] == "t3.small"
+        assert {types[v.instance_id] for v in workers} == {"t3.micro"}
+        role = {t["Key"]: t["Value"] for t in
+                ec2_world.instances(instance_id=masters[0].instance_id)[0]["Tags"]}
+        assert role["dask-lithops-role"] == "master"
+        # the scheduler runs on the master, workers only on the worker VMs
+        assert c.scheduler.worker_address.split("://")[1].startswith(masters[0].private_ip + ":")
+        assert c.scheduler_address.startswith("tls://127.0.0.1:")  # the SSH tunnel
+        addrs = {w["host"] for w in client.scheduler_info()["workers"].values()}
+        assert addrs == {v.private_ip for v in workers}
+        x = client.map(lambda i: i * i, range(40))
+        assert client.submit(sum, x).result() == sum(i * i for i in range(40))
+        assert "scheduler (host log)" in c.get_logs(workers=False)
+    states = {i: s for i, s in ec2_world.states().items() if i in ids}
+    assert set(states.values()) == {"terminated"}, states
+    assert wait_for(lambda: not set(ec2_world.booter.running()) & set(ids))
+    assert not ec2_world.booter.errors
+
+
 def test_scale_creates_and_releases_vms(ec2_world):
     from distributed import Client
 

@@ -39,6 +39,7 @@ from .remote_runtime import HostRuntime, RuntimeSpec, client_runtime, prepare_ho
 logger = logging.getLogger(__name__)
 
 SCHEDULER_PLACEMENTS = ("auto", "local", "remote")
+SCHEDULER_HOST = -1  # host index of a provider's own scheduler host (aws_ec2: the master VM)
 
 
 @dataclass
@@ -148,7 +149,7 @@ class RemoteScheduler(ProcessInterface):
     def __init__(self, cluster: weakref.ref, host: int = 0, **options: Any):
         super().__init__()
         self.cluster_ref = cluster
-        self.host_index = host
+        self.host_index = host  # SCHEDULER_HOST: the provider's host for the scheduler
         self.options = options
         self.channel = None
         self.pid: int | None = None
@@ -159,7 +160,7 @@ class RemoteScheduler(ProcessInterface):
 
     async def start(self) -> None:
         cluster = self.cluster_ref()
-        h = cluster._host_states[self.host_index]
+        h = cluster._host_state(self.host_index)
         rd = h.runtime.remote_dir
         run_dir = f"{rd}/run/{cluster.cluster_id}"
         log_dir = f"{rd}/logs/{cluster.cluster_id}"
@@ -212,7 +213,7 @@ class RemoteScheduler(ProcessInterface):
 
     async def close(self) -> None:
         cluster = self.cluster_ref()
-        h = cluster._host_states.get(self.host_index) if cluster else None
+        h = cluster._host_state(self.host_index) if cluster else None
 
         def go():
             if self.channel is not None:
@@ -375,6 +376,7 @@ class StandaloneCluster(LithopsCluster):
         self._acquiring = 0                     # hosts being acquired for scale()
         self._grows: set[asyncio.Task] = set()
         self._used: set[int] = set()            # hosts given workers (released when they lose them)
+        self._scheduler_host: HostState | None = None  # a remote scheduler's own host, if any
         self._runtime_spec: RuntimeSpec = client_runtime(opts["extra_python_packages"] or ())
         kwargs.setdefault("n_workers", 0)
         super().__init__(threads_per_worker=opts["threads_per_worker"] or 1,
@@ -462,14 +464,17 @@ class StandaloneCluster(LithopsCluster):
             if unreachable:
                 logger.info("hosts %s cannot reach this client: scheduler on %s",
                             unreachable, self._host_states[0].conn)
-        if placement == "remote" and 0 not in self._host_states:
+        if placement == "remote" and self._scheduler_host is None:
+            await self._prepare_scheduler_host()
+        if placement == "remote" and self._scheduler_host is None and 0 not in self._host_states:
             await self.provider.close()
             raise config.ConfigError("scheduler 'remote' needs a host; the provider gave none")
         self.scheduler_placement = placement
         options = self.scheduler_spec["options"]
         if placement == "remote":
+            where = SCHEDULER_HOST if self._scheduler_host is not None else 0
             self.scheduler_spec = {"cls": RemoteScheduler, "options": {
-                "cluster": weakref.ref(self), "host": 0, "port": options.get("port"),
+                "cluster": weakref.ref(self), "host": where, "port": options.get("port"),
                 "protocol": options.get("protocol"), "security": self._security,
                 "dashboard": options.get("dashboard")}}
         elif not options.get("host"):
@@ -479,6 +484,20 @@ class StandaloneCluster(LithopsCluster):
             self.worker_spec[self._host_key(i)] = self._host_spec(i)
             self._used.add(i)
         return await super()._start()
+
+    async def _prepare_scheduler_host(self) -> None:
+        """Get and prepare the provider's own host for the scheduler, if it has one."""
+        try:
+            spec = await self.provider.acquire_scheduler_host()
+            if spec is not None:
+                self._scheduler_host = (await run_in_ssh_thread(
+                    self._prepare, SCHEDULER_HOST, spec, None))
+        except BaseException:
+            await self.provider.close()  # nothing acquired outlives a failed start
+            raise
+
+    def _host_state(self, i: int) -> HostState | None:
+        return self._scheduler_host if i == SCHEDULER_HOST else self._host_states.get(i)
 
     def _host_key(self, i: int) -> str:
         return f"{self.name_prefix}-{i}"
@@ -640,7 +659,7 @@ class StandaloneCluster(LithopsCluster):
                     for name, text in r.items():
                         logs[f"{name} (host log)"] = text
         if scheduler and isinstance(self.scheduler, RemoteScheduler):
-            h = self._host_states[0]
+            h = self._host_state(self.scheduler.host_index)
             logs["scheduler (host log)"] = await run_in_ssh_thread(
                 read_log, h.conn, self.scheduler.log_path)
         return logs
@@ -655,6 +674,9 @@ class StandaloneCluster(LithopsCluster):
             await super()._close()
         finally:
             states, self._host_states = list(self._host_states.values()), {}
+            if self._scheduler_host is not None:
+                states.append(self._scheduler_host)
+                self._scheduler_host = None
             try:
                 await asyncio.gather(*(run_in_ssh_thread(h.conn.close) for h in states),
                                      *self._grows, return_exceptions=True)  # grows release

@@ -175,6 +175,7 @@ class EC2Provider(HostProvider):
         self.maximum = 1 if self.exec_mode == "consume" else int(self.o.get("max_workers") or 1)
         self.worker_processes = self.o.get("worker_processes")
         self.vms: list[VM] = []        # the VMs held (acquired, not released)
+        self.master_ids: list[str] = []  # ... of which the scheduler's own (not workers)
         self.owned: list[str] = []     # instances this cluster created or started
         self.known_hosts: str | None = None  # next to the key, once set up
         self.start_times: dict[str, float] = {}
@@ -506,9 +507,10 @@ chmod 700 "$R/var/lib/cloud/scripts/per-boot/dask-lithops-keeper.sh"
             raise
         return out
 
-    def reusable(self, instance_type: str) -> list[VM]:
-        """This user's stopped VMs of this type, runtime and key, oldest first."""
+    def reusable(self, instance_type: str, role: str = "worker") -> list[VM]:
+        """This user's stopped VMs of this type, role, runtime and key, oldest first."""
         vms = self.describe(filters=[
+            {"Name": "tag:dask-lithops-role", "Values": [role]},
             {"Name": f"tag:{TAG}", "Values": ["true"]},
             {"Name": f"tag:{TAG_USER}", "Values": [self.user]},
             {"Name": f"tag:{TAG_RUNTIME}", "Values": [self.runtime]},
@@ -646,6 +648,14 @@ chmod 700 "$R/var/lib/cloud/scripts/per-boot/dask-lithops-keeper.sh"
             self.start_times.setdefault("vms_ready", time.monotonic() - t0)
             return [self.host_spec(v) for v in vms]
 
+    async def acquire_scheduler_host(self) -> HostSpec | None:
+        """A VM of ``master_instance_type`` for the scheduler (none in consume mode)."""
+        if self.exec_mode == "consume":
+            return None
+        async with self._provider_lock():
+            vms = await asyncio.to_thread(self._acquire, 1, "master")
+            return self.host_spec(vms[0]) if vms else None
+
     async def release(self, hosts: list[HostSpec]) -> None:
         ids = [h.id for h in hosts if h.id]
         async with self._provider_lock():
@@ -668,7 +678,7 @@ chmod 700 "$R/var/lib/cloud/scripts/per-boot/dask-lithops-keeper.sh"
                         trust_unknown_hosts=False if ours else None, id=vm.instance_id)
 
     # -- blocking parts ----------------------------------------------------------------------
-    def _acquire(self, n: int) -> list[VM]:
+    def _acquire(self, n: int, role: str = "worker") -> list[VM]:
         from dask_lithops.standalone.heartbeat import Heartbeat
 
         if not self._set_up:
@@ -681,18 +691,20 @@ chmod 700 "$R/var/lib/cloud/scripts/per-boot/dask-lithops-keeper.sh"
             self._set_up = True
         mine: list[str] = []  # owned by this call: dismantled if it fails
         try:
-            vms = self._get_vms(n, mine)
+            vms = self._get_vms(n, mine, role)
         except BaseException:
             self._release(mine)
             raise
         self.vms += vms
+        if role == "master":
+            self.master_ids += [v.instance_id for v in vms]
         if self.exec_mode != "consume":
             self._heartbeat.start()
         return vms
 
-    def _get_vms(self, n: int, mine: list[str]) -> list[VM]:
+    def _get_vms(self, n: int, mine: list[str], role: str = "worker") -> list[VM]:
         o = self.o
-        itype = o["worker_instance_type"]
+        itype = o["master_instance_type" if role == "master" else "worker_instance_type"]
         timeout = float(o["start_timeout"])
         if self.exec_mode == "consume":
             if self.vms or n < 1:
@@ -705,7 +717,9 @@ chmod 700 "$R/var/lib/cloud/scripts/per-boot/dask-lithops-keeper.sh"
             vm = self.wait_state([vm.instance_id], ("running",), timeout)[0]
             self._wait_ssh([vm], timeout)
             return [vm]
-        n = min(n, self.maximum - len(self.vms))
+        if role == "worker":
+            n = min(n, self.maximum - len([v for v in self.vms
+                                           if v.instance_id not in self.master_ids]))
         if n < 1:
             return []
 
@@ -715,14 +729,15 @@ chmod 700 "$R/var/lib/cloud/scripts/per-boot/dask-lithops-keeper.sh"
 
         pending: list[str] = []
         if self.exec_mode == "reuse":
-            reuse = [v.instance_id for v in self.reusable(itype)[:n]]
+            reuse = [v.instance_id for v in self.reusable(itype, role)[:n]]
             if reuse:
                 self.claim(reuse)
                 self.start(reuse)
                 own(reuse)
                 pending += reuse
                 logger.info("reusing stopped VMs %s", reuse)
-        new = self.create(n - len(pending), itype, self.exec_mode, self.delete_on_dismantle)
+        new = self.create(n - len(pending), itype, self.exec_mode, self.delete_on_dismantle,
+                          role)
         own([v.instance_id for v in new])
         pending += [v.instance_id for v in new]
         ready: list[VM] = []
@@ -750,7 +765,8 @@ chmod 700 "$R/var/lib/cloud/scripts/per-boot/dask-lithops-keeper.sh"
                     f"(start_timeout), after {retries} replacements; terminated them")
             logger.warning("VMs %s never became reachable within %ss: terminated, creating "
                            "%d replacements", failed, timeout, len(failed))
-            new = self.create(len(failed), itype, self.exec_mode, self.delete_on_dismantle)
+            new = self.create(len(failed), itype, self.exec_mode, self.delete_on_dismantle,
+                              role)
             own([v.instance_id for v in new])
             pending = [v.instance_id for v in new]
         return ready
@@ -819,6 +835,7 @@ chmod 700 "$R/var/lib/cloud/scripts/per-boot/dask-lithops-keeper.sh"
             else:
                 self._heartbeat.remove(ids)
         self.vms = [v for v in self.vms if v.instance_id not in ids]
+        self.master_ids = [i for i in self.master_ids if i not in ids]
         mine = [i for i in dict.fromkeys(ids) if i in self.owned]
         self.owned = [i for i in self.owned if i not in mine]
         if not mine:

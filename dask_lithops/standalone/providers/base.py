@@ -113,6 +113,14 @@ class HostProvider:
         """
         raise NotImplementedError
 
+    async def acquire_scheduler_host(self) -> HostSpec | None:
+        """A host of its own for a remote scheduler, or None: the first worker host runs it.
+
+        VM backends create one (Lithops' master VM, ``master_instance_type``); it is
+        released with everything else by :meth:`close`.
+        """
+        return None
+
     async def release(self, hosts: list[HostSpec]) -> None:
         """Give hosts back (their workers are stopped): VMs are terminated or stopped."""
         raise NotImplementedError
