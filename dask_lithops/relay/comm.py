@@ -57,7 +57,14 @@ from dask_lithops.relay.protocol import (
 
 logger = logging.getLogger("dask_lithops.relay")
 
-MAX_BACKOFF = 5.0
+
+def _backoff_bounds() -> tuple[float, float]:
+    """First and longest wait between control reconnects (``lithops.relay.*``)."""
+    first = parse_timedelta(dask.config.get("lithops.relay.reconnect_interval", "50ms"),
+                            default="seconds")
+    most = parse_timedelta(dask.config.get("lithops.relay.max_reconnect_interval", "5s"),
+                           default="seconds")
+    return first, max(first, most)
 
 
 class RelayTCP(TCP):
@@ -285,7 +292,8 @@ class RelayListener(BaseListener):
 
     async def _control_loop(self, first: asyncio.Future) -> None:
         a = self.address
-        backoff = 0.05
+        first_backoff, max_backoff = _backoff_bounds()
+        backoff = first_backoff
         while not self._stopped:
             writer = None
             try:
@@ -308,7 +316,7 @@ class RelayListener(BaseListener):
                 else:
                     first.set_result(None)
                     logger.debug("registered %s with the relay", a.url)
-                backoff = 0.05
+                backoff = first_backoff
                 pinger = asyncio.create_task(self._ping(writer, heartbeat))
                 try:
                     while True:
@@ -347,7 +355,7 @@ class RelayListener(BaseListener):
             if self._stopped:
                 return
             await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
-            backoff = min(backoff * 2, MAX_BACKOFF)
+            backoff = min(backoff * 2, max_backoff)
 
     async def _ping(self, writer: asyncio.StreamWriter, heartbeat: float) -> None:
         frame = pack({"op": "ping"})
