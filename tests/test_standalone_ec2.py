@@ -88,6 +88,7 @@ def test_remote_scheduler_runs_on_a_master_vm(ec2_world):
     (Lithops' master VM; dask-cloudprovider's scheduler instance), reached through SSH."""
     from distributed import Client
 
+    ec2_world.booter.first_boot_delay = 4.0  # so VMs started one after another would show
     with cluster(ec2_world, n_vms=2, exec_mode="create", scheduler="remote",
                  master_instance_type="t3.small", worker_instance_type="t3.micro") as c, \
             Client(c) as client:
@@ -99,9 +100,12 @@ def test_remote_scheduler_runs_on_a_master_vm(ec2_world):
         types = {i["InstanceId"]: i["InstanceType"] for i in ec2_world.instances()}
         assert types[masters[0].instance_id] == "t3.small"
         assert {types[v.instance_id] for v in workers} == {"t3.micro"}
-        role = {t["Key"]: t["Value"] for t in
-                ec2_world.instances(instance_id=masters[0].instance_id)[0]["Tags"]}
+        master = ec2_world.instances(instance_id=masters[0].instance_id)[0]
+        role = {t["Key"]: t["Value"] for t in master["Tags"]}
         assert role["dask-lithops-role"] == "master"
+        # the master was created while the workers' VMs started, not after they were up
+        launched = [i["LaunchTime"] for i in ec2_world.instances() if i["InstanceId"] in ids]
+        assert (max(launched) - min(launched)).total_seconds() < 3.0, launched
         # the scheduler runs on the master, workers only on the worker VMs
         assert c.scheduler.worker_address.split("://")[1].startswith(masters[0].private_ip + ":")
         assert c.scheduler_address.startswith("tls://127.0.0.1:")  # the SSH tunnel

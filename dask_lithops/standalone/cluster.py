@@ -431,14 +431,32 @@ class StandaloneCluster(LithopsCluster):
         self.provider.runtime = self._runtime_spec.key
         probe = None
         reach_port = None
-        try:
+
+        async def workers():
             specs = await self.provider.acquire(self.provider.initial)
+            return await self._prepare_specs(specs, reach_port)
+
+        try:
             if self.scheduler_placement == "auto":
                 probe = socket.socket()
                 probe.bind(("0.0.0.0", 0))
                 probe.listen(64)
                 reach_port = probe.getsockname()[1]
-            states = await self._prepare_specs(specs, reach_port)
+            jobs = [workers()]
+            if self.scheduler_placement == "remote":  # its own host starts meanwhile
+                jobs.append(self._acquire_scheduler_host())
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                for r in results:
+                    if isinstance(r, list):
+                        for h in r:
+                            h.conn.close()
+                if self._scheduler_host is not None:
+                    self._scheduler_host.conn.close()
+                    self._scheduler_host = None
+                raise errors[0]
+            states = results[0]
         except BaseException:
             await self.provider.close()  # nothing acquired outlives a failed start
             raise
@@ -485,13 +503,16 @@ class StandaloneCluster(LithopsCluster):
             self._used.add(i)
         return await super()._start()
 
-    async def _prepare_scheduler_host(self) -> None:
+    async def _acquire_scheduler_host(self) -> None:
         """Get and prepare the provider's own host for the scheduler, if it has one."""
+        spec = await self.provider.acquire_scheduler_host()
+        if spec is not None:
+            self._scheduler_host = await run_in_ssh_thread(
+                self._prepare, SCHEDULER_HOST, spec, None)
+
+    async def _prepare_scheduler_host(self) -> None:
         try:
-            spec = await self.provider.acquire_scheduler_host()
-            if spec is not None:
-                self._scheduler_host = (await run_in_ssh_thread(
-                    self._prepare, SCHEDULER_HOST, spec, None))
+            await self._acquire_scheduler_host()
         except BaseException:
             await self.provider.close()  # nothing acquired outlives a failed start
             raise

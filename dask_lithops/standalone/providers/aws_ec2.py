@@ -45,6 +45,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -181,7 +182,8 @@ class EC2Provider(HostProvider):
         self.start_times: dict[str, float] = {}
         self._heartbeat = None
         self._set_up = False
-        self._lock = None
+        self._lock = None  # async: one worker acquisition at a time (max_workers accounting)
+        self._mutex = threading.Lock()  # the lists above, shared with the master's thread
         self.user = getpass.getuser()
         self._client = None
         self._client_cidr = client_cidr
@@ -649,12 +651,15 @@ chmod 700 "$R/var/lib/cloud/scripts/per-boot/dask-lithops-keeper.sh"
             return [self.host_spec(v) for v in vms]
 
     async def acquire_scheduler_host(self) -> HostSpec | None:
-        """A VM of ``master_instance_type`` for the scheduler (none in consume mode)."""
+        """A VM of ``master_instance_type`` for the scheduler (none in consume mode).
+
+        Not under the acquisition lock (the master does not count against
+        ``max_workers``), so it can start while the worker VMs do.
+        """
         if self.exec_mode == "consume":
             return None
-        async with self._provider_lock():
-            vms = await asyncio.to_thread(self._acquire, 1, "master")
-            return self.host_spec(vms[0]) if vms else None
+        vms = await asyncio.to_thread(self._acquire, 1, "master")
+        return self.host_spec(vms[0]) if vms else None
 
     async def release(self, hosts: list[HostSpec]) -> None:
         ids = [h.id for h in hosts if h.id]
@@ -678,10 +683,12 @@ chmod 700 "$R/var/lib/cloud/scripts/per-boot/dask-lithops-keeper.sh"
                         trust_unknown_hosts=False if ours else None, id=vm.instance_id)
 
     # -- blocking parts ----------------------------------------------------------------------
-    def _acquire(self, n: int, role: str = "worker") -> list[VM]:
+    def _ensure_set_up(self) -> None:
         from dask_lithops.standalone.heartbeat import Heartbeat
 
-        if not self._set_up:
+        with self._mutex:
+            if self._set_up:
+                return
             self.setup()
             if self.exec_mode != "consume":
                 self.known_hosts = self.key_filename + ".known_hosts"
@@ -689,17 +696,21 @@ chmod 700 "$R/var/lib/cloud/scripts/per-boot/dask-lithops-keeper.sh"
                 self.cluster_id, self.o["soft_dismantle_timeout"],
                 self.o["hard_dismantle_timeout"], self.delete_on_dismantle, self._reconnect)
             self._set_up = True
+
+    def _acquire(self, n: int, role: str = "worker") -> list[VM]:
+        self._ensure_set_up()
         mine: list[str] = []  # owned by this call: dismantled if it fails
         try:
             vms = self._get_vms(n, mine, role)
         except BaseException:
             self._release(mine)
             raise
-        self.vms += vms
-        if role == "master":
-            self.master_ids += [v.instance_id for v in vms]
-        if self.exec_mode != "consume":
-            self._heartbeat.start()
+        with self._mutex:
+            self.vms += vms
+            if role == "master":
+                self.master_ids += [v.instance_id for v in vms]
+            if self.exec_mode != "consume":
+                self._heartbeat.start()
         return vms
 
     def _get_vms(self, n: int, mine: list[str], role: str = "worker") -> list[VM]:
@@ -724,7 +735,8 @@ chmod 700 "$R/var/lib/cloud/scripts/per-boot/dask-lithops-keeper.sh"
             return []
 
         def own(ids):
-            self.owned += ids
+            with self._mutex:
+                self.owned += ids
             mine.extend(ids)
 
         pending: list[str] = []
@@ -757,7 +769,8 @@ chmod 700 "$R/var/lib/cloud/scripts/per-boot/dask-lithops-keeper.sh"
                 return ready
             # the partial resources of a VM that never came up are removed at once
             self.terminate(failed)
-            self.owned = [i for i in self.owned if i not in failed]
+            with self._mutex:
+                self.owned = [i for i in self.owned if i not in failed]
             mine[:] = [i for i in mine if i not in failed]
             if attempt == retries:
                 raise VMUnreachableError(
@@ -834,10 +847,11 @@ chmod 700 "$R/var/lib/cloud/scripts/per-boot/dask-lithops-keeper.sh"
                 self._heartbeat.stop()
             else:
                 self._heartbeat.remove(ids)
-        self.vms = [v for v in self.vms if v.instance_id not in ids]
-        self.master_ids = [i for i in self.master_ids if i not in ids]
-        mine = [i for i in dict.fromkeys(ids) if i in self.owned]
-        self.owned = [i for i in self.owned if i not in mine]
+        with self._mutex:
+            self.vms = [v for v in self.vms if v.instance_id not in ids]
+            self.master_ids = [i for i in self.master_ids if i not in ids]
+            mine = [i for i in dict.fromkeys(ids) if i in self.owned]
+            self.owned = [i for i in self.owned if i not in mine]
         if not mine:
             return
         if self.delete_on_dismantle:
