@@ -34,6 +34,8 @@ import time
 import dask
 from dask.utils import parse_timedelta
 
+from dask_lithops.relay.protocol import recv_exactly, share_port
+
 logger = logging.getLogger("dask_lithops.relay")
 
 USE_DIRECT, USE_RELAY = b"D", b"R"
@@ -62,13 +64,6 @@ def remember_failure(worker_id: str) -> None:
     _failed[worker_id] = time.monotonic()
 
 
-def share_port(sock: socket.socket) -> None:
-    """Let other sockets bind the local port ``sock`` is about to bind."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if hasattr(socket, "SO_REUSEPORT"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-
-
 def reusable_socket(family: int = socket.AF_INET) -> socket.socket:
     """A non-blocking TCP socket whose local port a second socket may share."""
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -90,16 +85,6 @@ def parse_endpoint(peer: object) -> tuple[str, int] | None:
         return host.strip("[]"), int(port)
     except ValueError:
         return None
-
-
-async def _recv_exactly(loop, sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = await loop.sock_recv(sock, n - len(buf))
-        if not chunk:
-            raise ConnectionResetError("peer closed the direct connection")
-        buf += chunk
-    return bytes(buf)
 
 
 async def open_direct(leg: socket.socket, peer: tuple[str, int], *, token: str, conn: str,
@@ -156,7 +141,7 @@ async def open_direct(leg: socket.socket, peer: tuple[str, int], *, token: str, 
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         await loop.sock_sendall(sock, direct_mac(token, conn, role))
-        got = await asyncio.wait_for(_recv_exactly(loop, sock, MAC_BYTES),
+        got = await asyncio.wait_for(recv_exactly(loop, sock, MAC_BYTES, "direct peer"),
                                      max(0.0, deadline - loop.time()) + 0.5)
     except (OSError, asyncio.TimeoutError) as e:
         logger.debug("relay: direct connection with %s:%s failed: %s", *peer, e)

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 
 import msgpack
 
-from dask_lithops.relay.direct import share_port
 
 MAGIC = b"DLR1"
 VERSION = 1
@@ -164,23 +163,31 @@ def unparse_relay_address(host: str, port: int, worker_id: str = "") -> str:
 # to tornado, including ``start_tls``, with nothing left in any buffer.
 
 
-async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+async def recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int,
+                       who: str = "relay") -> bytes:
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
         k = await loop.sock_recv_into(sock, view[got:])
         if k == 0:
-            raise ConnectionResetError("relay closed the connection during the handshake")
+            raise ConnectionResetError(f"{who} closed the connection during the handshake")
         got += k
     return bytes(buf)
 
 
+def share_port(sock: socket.socket) -> None:
+    """Let other sockets bind the local port ``sock`` is about to bind."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+
 async def recv_frame(loop, sock: socket.socket) -> dict:
-    (n,) = HEADER.unpack(await _recv_exactly(loop, sock, HEADER.size))
+    (n,) = HEADER.unpack(await recv_exactly(loop, sock, HEADER.size))
     if n > MAX_FRAME:
         raise RelayProtocolError(f"relay frame too large ({n} bytes)")
-    return unpack(await _recv_exactly(loop, sock, n))
+    return unpack(await recv_exactly(loop, sock, n))
 
 
 async def open_relay_socket(host: str, port: int, reusable: bool = False) -> socket.socket:
