@@ -32,6 +32,16 @@ class LazyGroup(click.Group):
         return super().get_command(ctx, name)
 
 
+def options(*decorators):
+    """One decorator applying several click options/arguments, in the order given."""
+    def apply(f):
+        for deco in reversed(decorators):
+            f = deco(f)
+        return f
+
+    return apply
+
+
 def _unavailable(name: str, error: Exception) -> click.Command:
     @click.command(name, help=f"(unavailable: {error})")
     def cmd():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from dask_lithops.cli import options
+
 
 def _backend(endpoint_url, memory=None, timeout=None):
     from dask_lithops import config
@@ -32,7 +34,7 @@ def _build(name, extra_packages, requirements_file, architecture, force):
         raise click.ClickException(str(e))
 
 
-_common = [
+_with_common = options(
     click.argument("name", required=False),
     click.option("--extra-packages", "-e", multiple=True,
                  help="pip names of user libraries to add (repeatable)"),
@@ -40,13 +42,7 @@ _common = [
                  help="a requirements file of user libraries"),
     click.option("--architecture", type=click.Choice(["x86_64", "arm64"]), default=None),
     click.option("--force", is_flag=True, help="rebuild even if cached"),
-]
-
-
-def _with_common(f):
-    for deco in reversed(_common):
-        f = deco(f)
-    return f
+)
 
 
 @click.group("runtime")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import click
 
+from dask_lithops.cli import options
+
 
 def _provider(region, endpoint_url):
     from dask_lithops import config
@@ -26,17 +28,11 @@ def _tags(resource: dict) -> dict:
     return {t["Key"]: t["Value"] for t in resource.get("Tags", [])}
 
 
-_common = [
+common = options(
     click.option("--region", default=None, help="AWS region (default: lithops.aws_ec2.region)"),
     click.option("--endpoint-url", default=None, help="EC2 API endpoint (e.g. moto)"),
     click.option("--all-users", is_flag=True, help="not only resources tagged with your user"),
-]
-
-
-def common(fn):
-    for opt in reversed(_common):
-        fn = opt(fn)
-    return fn
+)
 
 
 @click.group("vm")
