@@ -166,7 +166,7 @@ def main():
     ]
     print(f"Event invocations accepted ({procs} client procs x {per_proc}; "
           f"target {TARGET_EVENTS_PER_S:,.0f}/s):")
-    for label, acc, dt, cpu, rate in rows:
+    for label, acc, _dt, cpu, rate in rows:
         cap = acc / cpu if cpu > 0 else float("inf")
         print(f"  {label:52s} {rate:7,.0f}/s (x{rate / TARGET_EVENTS_PER_S:.2f})   "
               f"emulator loop CPU {cpu / acc * 1000:.2f} ms/event -> {cap:7,.0f}/s on one free "

@@ -16,8 +16,8 @@ from the same direct worker through the cheapest forwarding hop there is (a
 separate process with one thread per direction blocked in ``os.splice``: no
 event loop, no protocol, no Python per byte): what any relay that forwards
 bytes over one more TCP connection can reach on this machine, so
-relay/hop shows the relay's own overhead and hop/direct the cost of the hop.  Also the relay process's CPU time
-per GB it forwarded (Linux).  ``--buffered`` runs the relay with its zero-copy
+relay/hop shows the relay's own overhead and hop/direct the cost of the hop.  Also the relay
+process's CPU time per GB it forwarded (Linux).  ``--buffered`` runs the relay with its zero-copy
 ``os.splice`` path turned off, for comparison.  Exit status 0 either way (a
 benchmark, not a test).
 """

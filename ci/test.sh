@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/setup.sh
+.venv/bin/ruff check .
 set +e
 .venv/bin/python -m pytest -ra -p no:cacheprovider --durations=15 "$@"
 rc=$?

@@ -71,7 +71,7 @@ def config_show(section):
         config.validate_current()
         rows = config.resolved()
     except config.ConfigError as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from None
     path = config.lithops_config_file()
     click.echo(f"# Lithops config file: {path or 'none'}")
     for key, value, source in rows:
@@ -102,14 +102,14 @@ def hello(mode, backend, workers, tasks, usage):
     try:
         mode, backend = config.resolve_mode(mode, backend)
     except config.ConfigError as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from None
     click.echo(f"Starting a {mode} cluster (backend {backend}) ...")
     t0 = time.perf_counter()
     kwargs = {"n_workers": workers} if workers is not None else {}
     try:
         cluster = Cluster(mode=mode, backend=backend if mode != "localhost" else None, **kwargs)
     except config.ConfigError as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from None
     with cluster, Client(cluster) as client:
         n = workers if workers is not None else len(cluster.worker_spec)
         if n:

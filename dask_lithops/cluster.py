@@ -429,8 +429,8 @@ class LithopsCluster(SpecCluster):
 
 def _dashboard_available() -> bool:
     try:
-        import distributed.dashboard  # noqa: F401
         import bokeh  # noqa: F401
+        import distributed.dashboard  # noqa: F401
     except ImportError:
         return False
     return True

@@ -256,8 +256,11 @@ def test_capacity_errors_are_reported_clearly():
     """AWS capacity/quota refusals (moto cannot produce them) become EC2CapacityError."""
     from botocore.exceptions import ClientError
 
-    from dask_lithops.standalone.providers.aws_ec2 import EC2CapacityError, EC2Error, \
-        describe_client_error
+    from dask_lithops.standalone.providers.aws_ec2 import (
+        EC2CapacityError,
+        EC2Error,
+        describe_client_error,
+    )
 
     err = ClientError({"Error": {"Code": "InsufficientInstanceCapacity",
                                  "Message": "We currently do not have sufficient capacity"}},

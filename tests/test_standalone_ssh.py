@@ -35,8 +35,12 @@ def assert_no_dask_left(world, hosts=None):
 
 # -- provider ---------------------------------------------------------------------------------
 def test_connect_errors_name_the_host(ssh_hosts, tmp_path):
-    from dask_lithops.standalone.providers.ssh import (SSHAuthenticationError, SSHHostKeyError,
-                                                       SSHUnreachableError, connect)
+    from dask_lithops.standalone.providers.ssh import (
+        SSHAuthenticationError,
+        SSHHostKeyError,
+        SSHUnreachableError,
+        connect,
+    )
 
     h0, h1, _ = ssh_hosts.hosts
     conn = connect(f"root@{h0}", key_filename=ssh_hosts.key_filename,

@@ -13,7 +13,7 @@ from typing import ClassVar
 from distributed.deploy.utils import nprocesses_nthreads
 
 from dask_lithops import config
-from dask_lithops.cluster import LithopsCluster, WorkerLaunchError, WorkerLauncher, cpu_count
+from dask_lithops.cluster import LithopsCluster, WorkerLauncher, WorkerLaunchError, cpu_count
 from dask_lithops.payload import LaunchPayload, encode
 from dask_lithops.worker import ERROR_MARK, READY_MARK
 
@@ -48,7 +48,8 @@ class LocalhostWorker(WorkerLauncher):
             await self.stop()
             raise WorkerLaunchError(
                 f"worker {self.name} did not start within {cluster.worker_start_timeout:.0f}s "
-                f"(lithops.cluster.worker_start_timeout); log {self.log_path}:\n{self._tail()}")
+                f"(lithops.cluster.worker_start_timeout); log {self.log_path}:\n{self._tail()}"
+            ) from None
         if info is None or "error" in info:
             await self.stop()
             error = (info or {}).get("error") or {}

@@ -32,12 +32,11 @@ import ssl
 
 import dask
 from dask.utils import parse_timedelta
-from tornado.iostream import IOStream, StreamClosedError
-
 from distributed.comm.core import BaseListener, CommClosedError, Connector, FatalCommClosedError
 from distributed.comm.registry import Backend
 from distributed.comm.tcp import MAX_BUFFER_SIZE, TCP, TLS
 from distributed.utils import ensure_ip, get_ip
+from tornado.iostream import IOStream, StreamClosedError
 
 from dask_lithops.relay import direct
 from dask_lithops.relay.protocol import (

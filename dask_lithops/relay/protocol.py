@@ -39,7 +39,6 @@ from dataclasses import dataclass
 
 import msgpack
 
-
 MAGIC = b"DLR1"
 VERSION = 1
 MAX_FRAME = 64 * 1024

@@ -16,7 +16,7 @@ def _backend(endpoint_url, memory=None, timeout=None):
                              runtime_timeout=timeout)
         return AWSLambdaBackend(cfg), cfg
     except config.ConfigError as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from None
 
 
 def _build(name, extra_packages, requirements_file, architecture, force):
@@ -31,7 +31,7 @@ def _build(name, extra_packages, requirements_file, architecture, force):
             requirements_file=requirements_file or cfg.get("requirements_file"),
             architecture=architecture or cfg["architecture"], force=force, log=click.echo)
     except RuntimeBuildError as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from None
 
 
 _with_common = options(

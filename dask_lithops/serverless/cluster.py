@@ -24,8 +24,8 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from dask_lithops import config
 from dask_lithops.cluster import (
     LithopsCluster,
-    WorkerLaunchError,
     WorkerLauncher,
+    WorkerLaunchError,
     inherited_config,
 )
 from dask_lithops.payload import (

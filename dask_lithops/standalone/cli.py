@@ -20,7 +20,7 @@ def _provider(region, endpoint_url):
         opts = {**config.section("standalone"),
                 **config.section("aws_ec2", region=region, endpoint_url=endpoint_url)}
     except config.ConfigError as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from None
     return EC2Provider(opts, cluster_id="cli")
 
 
@@ -47,8 +47,13 @@ def vm():
               help="instance states (default: pending, running, stopping, stopped)")
 def vm_list(region, endpoint_url, all_users, cluster, states):
     """List dask-lithops VMs, key pairs and security groups."""
-    from dask_lithops.standalone.providers.aws_ec2 import LIVE_STATES, TAG_CLUSTER, TAG_MODE, \
-        TAG_USER, EC2Error
+    from dask_lithops.standalone.providers.aws_ec2 import (
+        LIVE_STATES,
+        TAG_CLUSTER,
+        TAG_MODE,
+        TAG_USER,
+        EC2Error,
+    )
 
     p = _provider(region, endpoint_url)
     try:
@@ -59,7 +64,7 @@ def vm_list(region, endpoint_url, all_users, cluster, states):
         groups = [g for g in p.tagged_security_groups()
                   if all_users or _tags(g).get(TAG_USER) == p.user]
     except EC2Error as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from None
     click.echo(f"# region {p.region}: {len(vms)} VMs, {len(keys)} key pairs, "
                f"{len(groups)} security groups")
     fmt = "{:<21} {:<13} {:<12} {:<15} {:<15} {:<12} {:<8} {}"
@@ -90,6 +95,6 @@ def clean(region, endpoint_url, all_users, yes):
     try:
         done = p.clean(all_users=all_users)
     except EC2Error as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from None
     click.echo(f"terminated {len(done['instances'])} VMs {done['instances']}; deleted key pairs "
                f"{done['key_pairs']} and security groups {done['security_groups']}")

@@ -26,14 +26,20 @@ from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface
 
 from dask_lithops import config
-from dask_lithops.cluster import LithopsCluster, WorkerLaunchError, WorkerLauncher, \
-    inherited_config
+from dask_lithops.cluster import LithopsCluster, WorkerLauncher, WorkerLaunchError, inherited_config
 from dask_lithops.payload import encode, security_to_dict
 
 from .bootstrap import ensure_private_dirs, read_log, start_processes, stop_processes
 from .providers.base import BACKENDS, HostSpec, provider_class
-from .providers.ssh import (SSHConnection, SSHError, combine_errors, connect, connect_defaults,
-                            run_in_ssh_thread, quote)
+from .providers.ssh import (
+    SSHConnection,
+    SSHError,
+    combine_errors,
+    connect,
+    connect_defaults,
+    quote,
+    run_in_ssh_thread,
+)
 from .remote_runtime import HostRuntime, RuntimeSpec, client_runtime, prepare_host
 
 logger = logging.getLogger(__name__)
@@ -347,7 +353,7 @@ class StandaloneCluster(LithopsCluster):
         if others:
             raise config.ConfigError(f"{', '.join(sorted(others))}: not options of backend "
                                      f"{backend!r}; allowed backends for them: "
-                                     f"{', '.join(n for n in BACKENDS if others & set(provider_class(n).keywords))}")
+                                     f"{', '.join(n for n in BACKENDS if others & set(provider_class(n).keywords))}")  # noqa: E501
         opts = config.section("ssh", **given)
         if opts["scheduler"] not in SCHEDULER_PLACEMENTS:
             raise config.ConfigError(f"lithops.ssh.scheduler = {opts['scheduler']!r} is invalid; "
@@ -675,7 +681,7 @@ class StandaloneCluster(LithopsCluster):
         if workers and groups:
             results = await asyncio.gather(*(run_in_ssh_thread(g.fetch_logs) for g in groups),
                                            return_exceptions=True)
-            for g, r in zip(groups, results):
+            for r in results:
                 if isinstance(r, dict):
                     for name, text in r.items():
                         logs[f"{name} (host log)"] = text

@@ -13,8 +13,8 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ found) and put first on ``PYTHONPATH`` for the processes we start.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
-import fcntl
 import os
 import platform
 import re

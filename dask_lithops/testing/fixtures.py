@@ -22,7 +22,9 @@ def ssh_hosts():
 
 @pytest.fixture
 def ec2_world(monkeypatch):
-    """moto's EC2 API on a test bridge's gateway and a VM booter (:class:`~dask_lithops.testing.vm_booter.EC2World`).
+    """moto's EC2 API on a test bridge's gateway and a VM booter.
+
+    See :class:`~dask_lithops.testing.vm_booter.EC2World`.
 
     Running instances become namespace hosts with a real sshd.  Dummy AWS
     credentials are set in the environment for the test only.  Skipped with

@@ -23,8 +23,8 @@ DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "t
 
 def moto_available() -> str | None:
     try:
-        import moto.server  # noqa: F401
         import flask  # noqa: F401
+        import moto.server  # noqa: F401
     except ImportError as e:
         return f"moto[server] is not installed ({e}); pip install 'moto[server,ec2]'"
     return None
@@ -72,7 +72,7 @@ class MotoServer:
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise TimeoutError(f"moto_server not listening after {timeout}s")
+                    raise TimeoutError(f"moto_server not listening after {timeout}s") from None
                 time.sleep(0.05)
         return self
 

@@ -298,7 +298,7 @@ def connect(host: str | HostSpec, *, user: str | None = None, port: int = 22,
         raise SSHAuthenticationError(
             name, f"authentication as {spec.user!r} failed ({offered}"
                   f"{' and agent' if allow_agent else ''}): {e}") from None
-    except (socket.timeout, TimeoutError) as e:
+    except TimeoutError as e:
         client.close()
         raise SSHTimeoutError(name, f"connection timed out after {connect_timeout}s") from e
     except paramiko.ssh_exception.NoValidConnectionsError as e:

@@ -7,14 +7,14 @@
 See docs/lambda-emulator.md.
 """
 
+from .environments import sandbox_unavailable
+from .managed_runtime import ensure_runtime
 from .server import (
     ACCOUNT_ID,
     EnvironmentInfo,
     InvocationRecord,
     LambdaEmulator,
 )
-from .environments import sandbox_unavailable
-from .managed_runtime import ensure_runtime
 
 __all__ = ["ACCOUNT_ID", "EnvironmentInfo", "InvocationRecord", "LambdaEmulator",
            "ensure_runtime", "sandbox_unavailable"]

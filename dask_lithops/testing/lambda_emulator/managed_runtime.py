@@ -20,7 +20,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 ROOT_DISTRIBUTIONS = ("awslambdaric", "boto3")
 
 #: Lambda's Python runtime identifiers the emulator accepts in ``Runtime``.

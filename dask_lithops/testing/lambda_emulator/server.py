@@ -1647,7 +1647,7 @@ class InvokeHandler(_Control):
             try:
                 cc = base64.b64decode(cc).decode()
             except Exception:
-                raise _invalid("Client context must be a valid Base64-encoded JSON object.")
+                raise _invalid("Client context must be a valid Base64-encoded JSON object.") from None
         tail = self.request.headers.get("X-Amz-Log-Type") == "Tail" and kind != "Event"
         inv = core.invoke(fn, payload, kind, tail, cc)
         self.set_header("x-amzn-RequestId", inv.request_id)
