@@ -101,6 +101,9 @@ class FaaSBackend:
     price_per_gb_second: float = 0.0
     price_per_vcpu_second: float = 0.0
     price_per_request: float = 0.0
+    # what in this platform's settings connects functions to a private network (the
+    # reachability check's advice), e.g. Lambda's VPC subnets and security groups
+    network_hint: ClassVar[str] = ""
 
     def __init__(self, config: dict[str, Any], *, platform: bool = True):
         """``config``: from :meth:`resolve_config`.  Validates it (a ConfigError naming the

@@ -95,6 +95,9 @@ class GCPFunctionsBackend(FaaSBackend):
     price_per_vcpu_second = 0.000024
     price_per_gb_second = 0.0000025  # per GiB-second
     price_per_request = 0.40 / 1_000_000
+    network_hint = ("the function's Serverless VPC Access connector "
+                    "(lithops.gcp_functions.vpc_connector, vpc_egress = ALL_TRAFFIC for a route "
+                    "to the scheduler's host)")
 
     def __init__(self, config: dict[str, Any], *, platform: bool = True):
         super().__init__(config, platform=platform)
