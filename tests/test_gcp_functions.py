@@ -154,3 +154,259 @@ def test_function_resource(credentials_file, tmp_path):
     assert service["vpcConnectorEgressSettings"] == "ALL_TRAFFIC"
     assert service["environmentVariables"]["DASK_LITHOPS_TIMEOUT"] == "600"
     assert body["labels"]["team"] == "data-science" and body["labels"]["dask-lithops"] == "true"
+
+
+# --------------------------------------------------------------------- against the emulator
+
+EXTRA = ["pandas", "pyarrow", "numpy"]
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("the emulator's sandboxes need root (network namespaces)")
+    emulator_module = pytest.importorskip("dask_lithops.testing.gcp_functions_emulator")
+    with emulator_module.CloudFunctionsEmulator(
+            project="test-project", region="us-central1", sandbox=True, idle_timeout=60,
+            log_dir=tmp_path_factory.mktemp("gcf-logs")) as emu:
+        if not emu.sandboxed:
+            pytest.skip(f"sandboxes unavailable: {emu.sandbox_reason}")
+        yield emu
+
+
+def host_address(emu) -> str | None:
+    """The host as the emulator's sandboxes reach it (None: the backend asks the emulator)."""
+    return getattr(emu, "host_address", None)
+
+
+def make_cluster(emu, **kwargs):
+    kwargs.setdefault("runtime_memory", 1024)
+    kwargs.setdefault("runtime_timeout", 120)
+    kwargs.setdefault("extra_packages", EXTRA)
+    kwargs.setdefault("dashboard_address", None)
+    return ServerlessCluster(backend="gcp_functions", endpoint_url=emu.endpoint_url,
+                             credentials_path=str(emu.credentials_file),
+                             project_name=emu.project, region=emu.region,
+                             contact_address=host_address(emu), **kwargs)
+
+
+def busy_instances(emu, function=None):
+    return [i for i in emu.instances if i.state in ("busy", "starting") and i.in_flight
+            and (function is None or i.function.rsplit("/", 1)[-1] == function)]
+
+
+def wait_no_busy(emu, function, timeout=20.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while busy_instances(emu, function) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return busy_instances(emu, function)
+
+
+def worker_requests(emu, function):
+    return [r for r in emu.requests(function) if r.method == "POST"]
+
+
+class RecomputeCounter:
+    """Counts processing -> memory transitions per key (a recomputation counts twice)."""
+
+    name = "recompute-counter"
+
+    def __init__(self):
+        import collections
+
+        from distributed.diagnostics.plugin import SchedulerPlugin
+
+        self.counts = collections.Counter()
+        counts = self.counts
+
+        class Plugin(SchedulerPlugin):
+            name = "recompute-counter"
+
+            def transition(self, key, start, finish, *args, **kwargs):
+                if start == "processing" and finish == "memory":
+                    counts[key] += 1
+
+        self.plugin = Plugin()
+
+
+def test_delayed_dataframe_array(emulator):
+    import time
+
+    import dask
+    import dask.array as da
+    import dask.dataframe as dd
+    import numpy as np
+    import pandas as pd
+    from distributed import Client
+
+    cluster = make_cluster(emulator)
+    fn = cluster.function_name
+    assert fn.startswith("dask-lithops-default-") and fn.endswith("-1024mb")
+    with cluster, Client(cluster) as client:
+        t0 = time.monotonic()
+        cluster.scale(2)
+        assert time.monotonic() - t0 < 1.0  # scale() returns at once
+        client.wait_for_workers(2, timeout=90)
+        info = client.scheduler_info()["workers"]
+        assert all(a.startswith("relay://") for a in info)
+        assert {w["name"] for w in info.values()} == set(cluster.worker_spec)
+        assert all(n.startswith("gcf-") for n in cluster.worker_spec)
+        assert all(w["memory_limit"] == 1024 * 2**20 for w in info.values())
+        assert cluster.scheduler_address.startswith("tls://")
+        assert len(busy_instances(emulator, fn)) == 2  # one instance per worker request
+
+        parts = [dask.delayed(lambda i: i * i)(i) for i in range(20)]
+        assert dask.delayed(sum)(parts).compute() == sum(i * i for i in range(20))
+
+        pdf = pd.DataFrame({"k": np.arange(4000) % 37, "v": np.arange(4000.0)})
+        ddf = dd.from_pandas(pdf, npartitions=8)
+        with dask.config.set({"dataframe.shuffle.method": "p2p"}):
+            got = ddf.groupby("k").v.sum(split_out=4).compute().sort_index()
+            shuffled = ddf.shuffle("k").compute()
+        pd.testing.assert_series_equal(got, pdf.groupby("k").v.sum().sort_index(),
+                                       check_names=False)
+        assert len(shuffled) == len(pdf)
+        assert sorted(shuffled.v) == sorted(pdf.v)
+
+        x = da.arange(1_000_000, chunks=100_000)
+        assert int((x * 2).sum().compute()) == 2 * sum(range(1_000_000))
+    # close(): every request has returned, no instance is busy, nothing is held
+    assert wait_no_busy(emulator, fn) == []
+    assert not cluster.backend._held
+    done = worker_requests(emulator, fn)
+    assert len([r for r in done if r.status == 200]) >= 2
+    usage = cluster.usage()
+    assert usage["invocations"] == 2 and usage["running"] == 0
+    assert usage["vcpu_seconds"] > 0 and usage["gb_seconds"] > 0
+    expected = (usage["gb_seconds"] * 0.0000025 + usage["vcpu_seconds"] * 0.000024
+                + 2 * 0.4 / 1e6)
+    assert usage["estimated_cost_usd"] == pytest.approx(expected)
+    assert all(r["reason"] for r in usage["workers"])
+
+
+def test_adapt_from_zero_and_back(emulator):
+    import time
+
+    from distributed import Client
+
+    cluster = make_cluster(emulator)
+    fn = cluster.function_name
+    with cluster, Client(cluster) as client:
+        cluster.adapt(minimum=0, maximum=2, interval="300ms", wait_count=3,
+                      target_duration="1s")
+        assert len(client.scheduler_info()["workers"]) == 0
+        futures = client.map(lambda i: (time.sleep(0.5), i)[1], range(12))
+        assert client.gather(futures) == list(range(12))
+        assert len(cluster.usage_tracker.records) >= 1
+        del futures
+        deadline = time.monotonic() + 60
+        while (cluster.worker_spec or client.scheduler_info()["workers"]) and \
+                time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert not cluster.worker_spec and not client.scheduler_info()["workers"]
+        assert wait_no_busy(emulator, fn) == []
+    assert wait_no_busy(emulator, fn) == []
+    assert not cluster.backend._held
+
+
+def test_rotation_outlives_the_function_timeout(emulator):
+    """runtime_timeout=16s, computation > 45s: workers rotate, no key is lost or recomputed."""
+    import time
+
+    import numpy as np
+    from distributed import Client
+
+    cluster = make_cluster(emulator, runtime_memory=1152, runtime_timeout=16)
+    fn = cluster.function_name
+    counter = RecomputeCounter()
+    cluster.scheduler.add_plugin(counter.plugin, name=counter.name)
+
+    def step(prev, i):
+        time.sleep(1.0)
+        return prev + np.full(10_000, i, dtype="int64")  # data held across rotations
+
+    with cluster, Client(cluster) as client:
+        cluster.scale(2)
+        client.wait_for_workers(2, timeout=90)
+        t0 = time.monotonic()
+        futures = [client.submit(np.zeros, 10_000, dtype="int64", pure=False)]
+        for i in range(1, 46):
+            futures.append(client.submit(step, futures[-1], i, pure=False))
+        results = client.gather(futures)
+        assert time.monotonic() - t0 >= 45
+        for i, r in enumerate(results):
+            assert int(r[0]) == i * (i + 1) // 2
+        assert max(counter.counts.values()) == 1, {
+            k: v for k, v in counter.counts.items() if v > 1}
+        assert len(cluster.worker_spec) == 2
+        assert len(cluster.usage_tracker.records) >= 2 + 2 * 3  # each slot rotated 3+ times
+    # no request hit the function's timeout: each worker retired itself in time
+    assert wait_no_busy(emulator, fn) == []
+    statuses = [r.status for r in worker_requests(emulator, fn)]
+    assert statuses and all(s == 200 for s in statuses), statuses
+
+
+def test_runtime_version_mismatch_is_a_clear_error(emulator, tmp_path):
+    """A function deployed under the expected name with other versions: error, never a hang."""
+    import shutil
+    import time
+
+    from dask_lithops.payload import RuntimeMismatch
+    from dask_lithops.serverless.backends.gcp_functions.backend import GCPFunctionsBackend
+
+    memory = 896
+    cfg = GCPFunctionsBackend.resolve_config(
+        endpoint_url=emulator.endpoint_url, credentials_path=str(emulator.credentials_file),
+        project_name=emulator.project, region=emulator.region, runtime_memory=memory,
+        runtime_timeout=120, extra_packages=[])
+    backend = GCPFunctionsBackend(cfg)
+    pkg = backend.build_runtime()
+    # a stale runtime under the name the cluster expects: its requirements pin another msgpack
+    stale = type(pkg)(**{**pkg.__dict__})
+    stale.source_zip = str(tmp_path / "stale.zip")
+    with zipfile.ZipFile(pkg.source_zip) as src, zipfile.ZipFile(stale.source_zip, "w") as out:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "requirements.txt":
+                data = b"\n".join(b"msgpack==1.0.8" if line.startswith(b"msgpack==") else line
+                                  for line in data.splitlines())
+            out.writestr(item, data)
+    backend.deploy_runtime(stale, memory, 120)
+    fn = backend.get_runtime_key(pkg.name, memory, pkg.version)
+    before = len(worker_requests(emulator, fn))
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeMismatch, match=r"msgpack: client \S+, function \S+ 1\.0\.8"):
+        make_cluster(emulator, runtime_memory=memory, extra_packages=[], n_workers=2)
+    assert time.monotonic() - t0 < 60
+    assert len(worker_requests(emulator, fn)) == before + 1  # the metadata request only
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_cli_build_deploy_list_delete(emulator, monkeypatch):
+    import re
+
+    from click.testing import CliRunner
+
+    from dask_lithops.runtime.cli import runtime
+
+    monkeypatch.setenv("DASK_LITHOPS__GCP__CREDENTIALS_PATH", str(emulator.credentials_file))
+    monkeypatch.setenv("DASK_LITHOPS__GCP__PROJECT_NAME", emulator.project)
+    cli = CliRunner()
+    r = cli.invoke(runtime, ["build", "--backend", "gcp_functions"])
+    assert r.exit_code == 0, r.output
+    version = re.search(r"runtime default version ([0-9a-f]{10}) \(python3\d+\)", r.output).group(1)
+    url = ["--backend", "gcp_functions", "--endpoint-url", emulator.endpoint_url]
+    r = cli.invoke(runtime, ["deploy", "--memory", "512", "--timeout", "60", *url])
+    assert r.exit_code == 0, r.output
+    fn = f"dask-lithops-default-{version}-512mb"
+    assert f"deployed {fn} (512 MB, timeout 60s)" in r.output
+    r = cli.invoke(runtime, ["list", *url])
+    assert fn in r.output
+    r = cli.invoke(runtime, ["delete", "default", "--memory", "512", *url])
+    assert f"deleted {fn}" in r.output
+    r = cli.invoke(runtime, ["list", *url])
+    assert fn not in r.output
