@@ -386,16 +386,21 @@ def test_runtime_version_mismatch_is_a_clear_error(emulator, tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-def test_cli_build_deploy_list_delete(emulator, monkeypatch):
-    import re
+def test_cli_build_deploy_list_delete(emulator):
 
+    import dask
     from click.testing import CliRunner
 
     from dask_lithops.runtime.cli import runtime
 
-    monkeypatch.setenv("DASK_LITHOPS__GCP__CREDENTIALS_PATH", str(emulator.credentials_file))
-    monkeypatch.setenv("DASK_LITHOPS__GCP__PROJECT_NAME", emulator.project)
-    cli = CliRunner()
+    with dask.config.set({"lithops.gcp.credentials_path": str(emulator.credentials_file),
+                          "lithops.gcp.project_name": emulator.project}):
+        _cli_build_deploy_list_delete(emulator, CliRunner(), runtime)
+
+
+def _cli_build_deploy_list_delete(emulator, cli, runtime):
+    import re
+
     r = cli.invoke(runtime, ["build", "--backend", "gcp_functions"])
     assert r.exit_code == 0, r.output
     version = re.search(r"runtime default version ([0-9a-f]{10}) \(python3\d+\)", r.output).group(1)

@@ -197,6 +197,11 @@ class CloudFunctionsEmulator(InstanceManager):
         return f"http://{host}:{self.port}"
 
     @property
+    def host_address(self) -> str:
+        """This host as the instances' sandboxes reach it (a client's ``contact_address``)."""
+        return self._sandboxes.host_address
+
+    @property
     def memory_limit_mode(self) -> str:
         return self._sandboxes.memory_limit_mode
 
