@@ -415,3 +415,34 @@ def _cli_build_deploy_list_delete(emulator, cli, runtime):
     assert f"deleted {fn}" in r.output
     r = cli.invoke(runtime, ["list", *url])
     assert fn not in r.output
+
+
+def test_no_instance_available_is_retried_then_reported(emulator, caplog):
+    """maxInstanceCount below the requested workers: 429s are retried with backoff and
+    reported like Lambda's throttling; the computation completes on the workers there are."""
+    import logging
+    import time
+
+    from distributed import Client
+
+    memory = 1088
+    with make_cluster(emulator, runtime_memory=memory, max_workers=1):
+        pass  # deploys the function with maxInstanceCount 1
+    cluster = make_cluster(emulator, runtime_memory=memory, invoke_retries=2)
+    fn = cluster.function_name
+    with caplog.at_level(logging.WARNING, logger="dask_lithops"), cluster, \
+            Client(cluster) as client:
+        cluster.scale(2)
+        client.wait_for_workers(1, timeout=90)
+        assert sum(client.gather(client.map(lambda i: i + 1, range(50)))) == sum(range(1, 51))
+        assert len(client.scheduler_info()["workers"]) == 1
+        deadline = time.monotonic() + 30
+        while "no instance available" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.3)
+    assert "still refused the request (HTTP 429: no instance available) after 2 retries" \
+        in caplog.text
+    assert "lithops.gcp_functions.max_workers" in caplog.text
+    refused = [r for r in worker_requests(emulator, fn) if r.status == 429]
+    assert len(refused) >= 3  # the first try and two retries of one worker
+    assert wait_no_busy(emulator, fn) == []
+    assert not cluster.backend._held
