@@ -395,11 +395,11 @@ class ServerlessCluster(LithopsCluster):
             self.usage_tracker.ended(name, None if record and record.reason else report)
             self._exited.setdefault(name, asyncio.Event()).set()
         failed = report.get("reason") in ("error", "throttled")
-        if failed and self.status == Status.running and name in self.worker_spec:
+        if failed and self.status == Status.running:
             logger.warning("worker %s: invocation failed%s: %s", name,
                            " before the worker started" if never_joined else "",
                            report.get("error"))
-            if name not in self._addresses:
+            if name in self.worker_spec and name not in self._addresses:
                 self._replace_lost(name)
 
     def scale(self, n=0, memory=None, cores=None):
