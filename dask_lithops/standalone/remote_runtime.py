@@ -33,7 +33,7 @@ from importlib.metadata import PackageNotFoundError, distribution, requires
 from dask_lithops.payload import RUNTIME_PACKAGES
 from dask_lithops.payload import installed_version as _version
 
-from .providers.ssh import SSHConnection, SSHError, quote
+from .ssh_transport import SSHConnection, SSHError, quote
 
 # Must equal the client's exactly: a mismatch breaks pickled tasks and messages.
 MATCH_PACKAGES = RUNTIME_PACKAGES

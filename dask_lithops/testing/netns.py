@@ -31,9 +31,18 @@ table inet dask_lithops_sandbox {
         type filter hook input priority 0; policy drop;
         iif "lo" accept
         ct state established,related accept
-    }
+%s    }
 }
 """
+
+
+def inbound_drop_rules(gateway: str | None = None, ports: tuple = ()) -> str:
+    """Drop new inbound connections, except from ``gateway`` to TCP ``ports``."""
+    extra = ""
+    if ports:
+        extra = (f"        ip saddr {gateway} tcp dport {{ {', '.join(map(str, ports))} }} "
+                 f"accept\n")
+    return INBOUND_DROP_RULES % extra
 
 _LOCK_FILE = "/tmp/dask-lithops-netns.lock"
 
@@ -104,6 +113,7 @@ class Bridge:
         self.subnet: ipaddress.IPv4Network | None = None
         self.gateway: str | None = None
         self._allocated: set[str] = set()
+        self._cursor = 0
         self.created = False
 
     def create(self) -> Bridge:
@@ -130,10 +140,14 @@ class Bridge:
         return self
 
     def next_address(self) -> str:
-        for addr in self.subnet.hosts():
-            a = str(addr)
+        # round robin: an address given back is reused as late as possible, since the host's
+        # neighbour cache may still map it to the MAC of the namespace that had it before
+        hosts = [str(a) for a in self.subnet.hosts()]
+        for i in range(len(hosts)):
+            a = hosts[(self._cursor + i) % len(hosts)]
             if a != self.gateway and a not in self._allocated:
                 self._allocated.add(a)
+                self._cursor = (self._cursor + i + 1) % len(hosts)
                 return a
         raise RuntimeError(f"bridge {self.name}: subnet {self.subnet} is full")
 
@@ -156,17 +170,20 @@ class NetnsHost:
     """One namespace host on a :class:`Bridge`.
 
     ``inbound=False`` makes it accept no new inbound connection (outbound
-    only).  ``run``/``popen`` execute commands inside; ``kill_all`` kills every
-    process in the namespace by PID; ``delete`` removes the namespace.
+    only) except, when ``inbound_ports`` are given, from the bridge's gateway (the
+    host) to those TCP ports -- how a front end on the host reaches a server inside.
+    ``run``/``popen`` execute commands inside; ``kill_all`` kills every process in
+    the namespace by PID; ``delete`` removes the namespace.
     """
 
     def __init__(self, bridge: Bridge, address: str | None = None, inbound: bool = True,
-                 name: str | None = None):
+                 name: str | None = None, inbound_ports: tuple = ()):
         self.bridge = bridge
         self.id = uuid.uuid4().hex[:6]
         self.name = name or f"dlns{self.id}"
         self.address = address
         self.inbound = inbound
+        self.inbound_ports = tuple(inbound_ports)
         self.created = False
         self._veth_host = f"dlv{self.id}h"
         self._veth_ns = f"dlv{self.id}n"
@@ -190,7 +207,8 @@ class NetnsHost:
                 if not nft_available():
                     raise RuntimeError("nft (nftables) is needed for an outbound-only namespace")
                 subprocess.run(["ip", "netns", "exec", self.name, "nft", "-f", "-"],
-                               input=INBOUND_DROP_RULES, text=True, check=True,
+                               input=inbound_drop_rules(self.bridge.gateway,
+                                                        self.inbound_ports), text=True, check=True,
                                capture_output=True)
         except Exception:
             self.delete()
@@ -236,6 +254,8 @@ class NetnsHost:
         self.kill_all()
         _ip("link", "del", self._veth_host, check=False)
         _ip("netns", "del", self.name, check=False)
+        # forget its MAC, so a namespace that gets the address next is reached at once
+        _ip("neigh", "del", self.address, "dev", self.bridge.name, check=False)
         self.bridge.release_address(self.address)
         self.created = False
 
