@@ -532,3 +532,9 @@ def test_object_iterdata_on_s3(client, moto_s3):
 
         assert fexec.get_result(fexec.map(put_and_get, [1, 2])) == ["1", "2"]
         assert st.list_keys("s3data", "out/") == ["out/1", "out/2"]
+
+
+def test_builtins_and_positional_only_parameters(fexec):
+    assert fexec.get_result(fexec.map_reduce(double, range(4), sum)) == 12
+    assert fexec.get_result(fexec.map(divmod, [(7, 2), (9, 4)])) == [(3, 1), (2, 1)]
+    assert fexec.get_result(fexec.map(abs, [-3])) == [3]
