@@ -127,11 +127,11 @@ class InstanceManager:
         if self.filesystem_isolated:
             # the source at /workspace and the built environment under /layers, as Google's
             # buildpacks lay them out; nothing of the client's
-            (base / "root").mkdir()
             binds, masks = sandbox.interpreter_binds()
             binds.update({"/workspace": fn.source_dir, "/layers/python": fn.python.parent.parent})
             python, source, tmp = Path("/layers/python/bin/python"), Path("/workspace"), "/tmp"
-            fs = sandbox.Filesystem(root=base / "root", binds=binds, cwd="/workspace",
+            fs = sandbox.Filesystem(skeleton=self.workdir / "root", binds=binds,
+                                    cwd="/workspace",
                                     user=INSTANCE_USER, tmp_mb=inst.memory_mb, masks=masks)
         command = [str(python), "-s", "-m", "functions_framework",
                    "--target", fn.build_config["entryPoint"], "--source",

@@ -85,8 +85,8 @@ class CloudFunctionsEmulator(InstanceManager):
     isolate_filesystem:
         Give every instance a root of its own (the source at ``/workspace``, the
         built environment under ``/layers``, a private in-memory ``/tmp``, running
-        unprivileged): none of the client's files.  ``None`` (default): when root
-        with ``unshare``; ``True`` requires it.
+        unprivileged): none of the client's files.  ``None`` (default): when running
+        as root; ``True`` requires it.
     """
 
     def __init__(self, project: str = "test-project", region: str = "us-central1", *,
