@@ -297,3 +297,38 @@ def test_cli_starts_and_stops_the_emulator(tmp_path):
         rest = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0 and "emulator stopped" in rest
     assert not os.path.exists(key)
+
+
+def test_stop_leaves_no_instance_namespace_or_directory(tmp_path):
+    import subprocess
+
+    from dask_lithops.testing.gcp_functions_emulator import CloudFunctionsEmulator
+
+    emu = CloudFunctionsEmulator(log_dir=tmp_path).start()
+    try:
+        creds = service_account.Credentials.from_service_account_file(
+            str(emu.credentials_file), scopes=SCOPES)
+        op = deploy(emu, gtr.AuthorizedSession(creds), "leak")
+        uri = op["response"]["serviceConfig"]["uri"]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(caller(emu, uri).post, uri, json={"sleep": 20})
+            deadline = time.monotonic() + 30
+            while not [i for i in emu.instances if i.in_flight and i.pid]:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            made = emu.resources()
+            pids = [i.pid for i in emu.instances]
+            emu.stop()  # with a request in flight
+            assert busy.result().status_code >= 500
+    finally:
+        emu.stop()
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}")
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(ns in netns for ns in made["namespaces"])
+    if made["bridge"]:
+        assert subprocess.run(["ip", "link", "show", made["bridge"]],
+                              capture_output=True).returncode != 0
+    assert not os.path.exists(made["workdir"])
+    if made["cgroup"]:
+        assert not os.path.exists(made["cgroup"])

@@ -210,8 +210,7 @@ class CloudFunctionsEmulator(InstanceManager):
 
     @property
     def host_address(self) -> str:
-        """This host's address as instances reach it (the bridge gateway when sandboxed):
-        where a Dask scheduler that workers in functions dial must listen."""
+        """This host as the instances' sandboxes reach it (a client's ``contact_address``)."""
         return self._sandboxes.host_address
 
     @property
