@@ -120,10 +120,21 @@ def test_deploy_invoke_through_the_front_end(gcp_functions_emulator, api):  # no
     assert body["greeting"] == "hi" and body["path"] == "/some/path"
     r2 = session.post(uri, json={"name": "again"})
     assert r2.json()["pid"] == body["pid"]  # the warm instance served it
+    if emu.filesystem_isolated:  # the client's files are not there; the source is
+        secret = f"/tmp/client-secret-{os.getpid()}"
+        with open(secret, "w") as f:
+            f.write("the client's")
+        try:
+            assert session.post(uri, json={"read": secret}).json() == \
+                {"error": "FileNotFoundError"}
+        finally:
+            os.unlink(secret)
+        assert "def handle" in session.post(uri, json={"read": "/workspace/main.py"}).json()[
+            "read"]
     recs = emu.requests("hello")
-    assert [(rec.status, rec.cold) for rec in recs] == [(200, True), (200, False)]
+    assert [(rec.status, rec.cold) for rec in recs][:2] == [(200, True), (200, False)]
     inst = [i for i in emu.instances if i.function == "hello"]
-    assert len(inst) == 1 and inst[0].requests_served == 2
+    assert len(inst) == 1 and inst[0].requests_served == len(recs)
     if emu.sandboxed:
         assert inst[0].netns and inst[0].memory_mb == 256
 
