@@ -98,9 +98,10 @@ def lambda_fexec():
     from dask_lithops.testing.moto_server import MotoServer
 
     with LambdaEmulator(sandbox=True) as emu, MotoServer(host=emu.host_address) as moto:
+        # no worker count: the cluster adapts to the work, as Lithops invokes per call
         with lithops.ServerlessExecutor(
-                backend="aws_lambda", config=storage_config(moto.endpoint_url), n_workers=2,
-                endpoint_url=emu.endpoint_url, contact_address=emu.host_address,
+                backend="aws_lambda", config=storage_config(moto.endpoint_url),
+                max_workers=3, endpoint_url=emu.endpoint_url, contact_address=emu.host_address,
                 runtime_memory=1024, runtime_timeout=120, extra_packages=EXTRA,
                 dashboard_address=None) as fexec:
             yield fexec
@@ -110,8 +111,10 @@ def lambda_fexec():
 def test_lithops_program_on_lambda(lambda_fexec):
     fexec = lambda_fexec
     assert fexec.mode == "serverless" and fexec.backend == "aws_lambda"
-    fexec.client.wait_for_workers(2, timeout=120)
+    adaptive = fexec.cluster._adaptive
+    assert (adaptive.minimum, adaptive.maximum) == (0, 3)
     run_lithops_program(fexec, "lambda-data")
+    assert 1 <= len(fexec.client.scheduler_info()["workers"]) <= 3
 
 
 def die_once(x, marker):
@@ -131,7 +134,6 @@ def die_once(x, marker):
 @pytest.mark.timeout(300)
 def test_calls_of_a_killed_lambda_worker_are_rerun(lambda_fexec):
     fexec = lambda_fexec
-    fexec.client.wait_for_workers(2, timeout=120)
     fexec.storage.create_bucket("lambda-kill")
     marker = {"storage_config": fexec.storage.config, "bucket": "lambda-kill"}
     fs = fexec.map(die_once, range(6), extra_args=(marker,))

@@ -22,14 +22,12 @@ def format_data(iterdata, extra_args) -> list:
     """A list of call inputs, with ``extra_args`` appended to (or merged into) each."""
     from dask_lithops.executor.future import FuturesList
 
-    if isinstance(iterdata, (range, set, frozenset)) or inspect.isgenerator(iterdata):
-        data = list(iterdata)
-    elif isinstance(iterdata, (list, FuturesList)):
+    if isinstance(iterdata, (list, FuturesList)):
         data = iterdata
-    elif isinstance(iterdata, (str, bytes, dict, tuple)) or not hasattr(iterdata, "__iter__"):
+    elif isinstance(iterdata, (range, set, frozenset)) or hasattr(iterdata, "__next__"):
+        data = list(iterdata)  # ranges, sets, generators and other iterators: their items
+    else:  # as in Lithops, anything else (a dict, a tuple, an array...) is one call's input
         data = [iterdata]
-    else:  # other iterables (map objects, dict views, numpy arrays...) as their items
-        data = list(iterdata)
     if not extra_args:
         return list(data)
     out = []
