@@ -237,6 +237,21 @@ def test_max_instances_and_request_timeout(gcp_functions_emulator, api):  # noqa
 
 
 
+def test_request_concurrency_above_one_shares_an_instance(gcp_functions_emulator, api):  # noqa: F811
+    emu = gcp_functions_emulator
+    op = deploy(emu, api, "shared", maxInstanceCount=1, maxInstanceRequestConcurrency=2,
+                availableCpu="1")
+    uri = op["response"]["serviceConfig"]["uri"]
+    session = caller(emu, uri)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        two = [pool.submit(session.post, uri, json={"sleep": 2}) for _ in range(2)]
+        time.sleep(1)
+        third = session.post(uri, json={})  # two slots on the one instance are taken
+        assert third.status_code == 429, third.text
+        pids = {f.result().json()["pid"] for f in two}
+    assert len(pids) == 1  # both ran side by side in one instance
+
+
 def test_memory_limit(gcp_functions_emulator, api):  # noqa: F811
     emu = gcp_functions_emulator
     op = deploy(emu, api, "hog", timeoutSeconds=30)

@@ -51,7 +51,7 @@ class InstanceManager:
                     and inst.in_flight < fn.concurrency:
                 if best is None or inst.state == "idle" and best.state != "idle":
                     best = inst
-        cold = best is None
+        cold = best is None or best.state == "starting"  # it waits for a start either way
         if best is None:
             live = sum(1 for i in fn.instances if i.state != "dead")
             if live >= fn.max_instances:

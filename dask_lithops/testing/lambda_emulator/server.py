@@ -410,6 +410,8 @@ class LambdaEmulator(ControlAPI, Dispatcher, EnvironmentManager):
                     "bridge": self._sandboxes.bridge.name if self._sandboxes.bridge else None,
                     "cgroup": (str(self._sandboxes.cgroups.parent) if self._sandboxes.cgroups
                                else None),
+                    "firewall": (self._sandboxes.firewall.table if self._sandboxes.firewall
+                                 else None),
                     "workdir": str(self.workdir) if self.workdir else None}
         return self._call(get)
 
