@@ -252,6 +252,26 @@ def test_request_concurrency_above_one_shares_an_instance(gcp_functions_emulator
     assert len(pids) == 1  # both ran side by side in one instance
 
 
+def test_instance_that_cannot_start_fails_the_request_with_its_error(gcp_functions_emulator,
+                                                                      api):  # noqa: F811
+    emu = gcp_functions_emulator
+    code = source_zip(main="import no_such_module_zz\n\ndef handle(request):\n    return 'x'\n")
+    op = deploy(emu, api, "broken-main")
+    assert "error" not in op  # the build installs requirements; importing main.py is at start
+    patch = api.post(f"{emu.endpoint_url}/v2/{PARENT}/functions:generateUploadUrl", json={})
+    up = patch.json()
+    requests.put(up["uploadUrl"], data=code, headers={"content-type": "application/zip"})
+    r = api.patch(f"{emu.endpoint_url}/v2/{PARENT}/functions/broken-main",
+                  params={"updateMask": "buildConfig.source"},
+                  json={"buildConfig": {"source": {"storageSource": up["storageSource"]}}})
+    assert r.status_code == 200, r.text
+    assert "error" not in wait(emu, api, r.json())
+    uri = op["response"]["serviceConfig"]["uri"]
+    r = caller(emu, uri).post(uri, json={})
+    assert r.status_code == 500 and "failed to start" in r.text, r.text
+    assert "No module named 'no_such_module_zz'" in r.text
+
+
 def test_memory_limit(gcp_functions_emulator, api):  # noqa: F811
     emu = gcp_functions_emulator
     op = deploy(emu, api, "hog", timeoutSeconds=30)
