@@ -451,18 +451,18 @@ class LithopsCluster(SpecCluster):
         spec_name = spec_name or self._spec_name_of(worker_name)
         if spec_name is None:
             return
-        if spec_name in self._down_checks:
-            self._left_again[spec_name] = worker_name
+        if worker_name in self._down_checks:
+            self._left_again[worker_name] = spec_name
             return
         task = asyncio.ensure_future(self._check_down(spec_name, worker_name))
-        self._down_checks[spec_name] = task
-        task.add_done_callback(lambda _: self._check_done(spec_name))
+        self._down_checks[worker_name] = task
+        task.add_done_callback(lambda _: self._check_done(worker_name))
 
-    def _check_done(self, spec_name: str) -> None:
-        self._down_checks.pop(spec_name, None)
-        again = self._left_again.pop(spec_name, None)
+    def _check_done(self, worker_name: str) -> None:
+        self._down_checks.pop(worker_name, None)
+        again = self._left_again.pop(worker_name, None)
         if again is not None:
-            self._worker_left(again)
+            self._worker_left(worker_name, again if again in self.worker_spec else None)
 
     @property
     def restart_grace(self) -> float:
@@ -470,22 +470,22 @@ class LithopsCluster(SpecCluster):
         return 10.0 if self.nanny else 3.0
 
     async def _check_down(self, spec_name: str, worker_name: str) -> None:
-        """A worker of ``spec_name`` left the scheduler, or its launcher ended: why, and now what?"""
+        """Worker ``worker_name`` (of spec entry ``spec_name``) left the scheduler, or its
+        launcher ended: record why, then replace it, or give up (crash loop)."""
         try:
             deadline = time.monotonic() + self.restart_grace
             back = False
             while time.monotonic() < deadline and self.status == Status.running:
-                if spec_name not in self.worker_spec:
-                    return  # scaled down or replaced meanwhile
-                if spec_name in self._ended:
-                    break  # its process is gone
+                if spec_name in self._ended or spec_name not in self.worker_spec:
+                    break  # its process is gone, or it was replaced/scaled down meanwhile
                 if worker_name in self._registered_names():
                     back = True  # its nanny restarted it
                     break
-                if not self.nanny and (await self._fetch_reports(worker_name, consume=False))[0]:
-                    break  # it said why it ended
+                events = (await self._fetch_reports(worker_name, consume=False))[0]
+                if events and (not self.nanny or any(e.get("final") for e in events)):
+                    break  # it said why it ended, and its process has ended
                 await asyncio.sleep(0.25)
-            if self.status != Status.running or spec_name not in self.worker_spec:
+            if self.status != Status.running:
                 return
             events, completed = await self._fetch_reports(worker_name)
             ended = self._ended.get(spec_name)
@@ -497,23 +497,29 @@ class LithopsCluster(SpecCluster):
                 events = [{}]  # left without a word
             failures = [describe(worker_name, e, mode=self.mode, limits=self.failure_limits())
                         for e in events if e.get("kind") not in PLANNED]
+            if failures and completed != self._progress_mark:
+                self._progress_mark, self._failures_in_a_row = completed, 0
             for failure in failures:
                 self._record(failure)
-            if back or (ended is None and
-                        set(self._members(spec_name)) & self._registered_names()):
-                return  # restarted by its nanny, or the rest of its group lives on
+                self._failures_in_a_row += 1
+            if back or spec_name not in self.worker_spec:
+                return  # restarted by its nanny, or replaced/removed already
+            if ended is None and set(self._members(spec_name)) & self._registered_names():
+                return  # the rest of its group lives on
             if not failures:
                 logger.info("worker %s ended (%s); starting a new one", worker_name,
                             events[-1].get("kind"))
                 self._replace(spec_name, quiet=True)
-                return
-            if completed != self._progress_mark:
-                self._progress_mark, self._failures_in_a_row = completed, 0
-            self._failures_in_a_row += 1
-            if self._failures_in_a_row >= self.crash_loop_limit or self._gave_up:
+            elif self._failures_in_a_row >= self.crash_loop_limit or self._gave_up:
                 await self._give_up(spec_name, failures[-1])
-            else:
+            elif await self._replaceable(spec_name):
                 self._replace(spec_name)
+            else:
+                self.worker_spec.pop(spec_name, None)
+                self._drop_launcher(spec_name)
+                logger.warning("worker %s is gone and cannot be replaced where it ran",
+                               spec_name)
+                self._correct_state()
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -549,15 +555,37 @@ class LithopsCluster(SpecCluster):
             self._logged_causes.add(failure.cause)
             logger.error("%s", failure)
 
+    async def _replaceable(self, spec_name: str) -> bool:
+        """Whether a lost spec entry can be started again (a mode may say no: its host is gone)."""
+        return True
+
     def _replace(self, spec_name: str, quiet: bool = False) -> None:
         """Start a new worker (new name, same spec) instead of ``spec_name``."""
         spec = self.worker_spec.pop(spec_name)
         self._drop_launcher(spec_name)
-        new_name = next(iter(self.new_worker_spec()))
+        new_name = next(iter(self.new_worker_spec()), None) or spec_name
         self.worker_spec[new_name] = spec
         (logger.info if quiet else logger.warning)(
             "worker %s is gone; starting %s instead", spec_name, new_name)
-        self._correct_state()
+        fut = asyncio.ensure_future(self._start_replacement(new_name))
+        self._background.add(fut)
+        fut.add_done_callback(self._background.discard)
+
+    async def _start_replacement(self, name: str) -> None:
+        try:
+            await self._correct_state()
+        except Exception as e:
+            if self.status != Status.running or name in self.workers:
+                return
+            # it failed to start: that counts as a failure too, and the spec must not
+            # keep an entry nothing runs for
+            self.worker_spec.pop(name, None)
+            failure = WorkerFailure(name, "error", f"replacement worker {name} failed to "
+                                    f"start: {e}", "see the cluster's log (cluster.get_logs())")
+            self._record(failure)
+            self._failures_in_a_row += 1
+            if self._failures_in_a_row >= self.crash_loop_limit:
+                await self._give_up(name, failure)
 
     def _drop_launcher(self, spec_name: str) -> None:
         self._names_used.add(str(spec_name))

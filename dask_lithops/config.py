@@ -105,6 +105,8 @@ def map_lithops_config(data: Mapping) -> dict:
         ours["mode"] = MODE_OF_BACKEND.get(backend, general.get("mode"))
     elif general.get("mode"):
         ours["mode"] = general["mode"]
+    if general.get("storage"):
+        ours["storage"] = general["storage"]
     if general.get("log_level"):
         ours["log_level"] = str(general["log_level"]).lower()
     known = PACKAGE_DEFAULTS[NAMESPACE]

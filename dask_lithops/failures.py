@@ -128,9 +128,18 @@ def describe(name: str, report: dict | None, mode: str = "", limits: dict | None
     if kind == "missing-module":
         module = report.get("module") or "?"
         top = module.split(".")[0]
-        msg = (f"{who} cannot run the computation: module {module!r} is not installed in the "
-               f"workers' runtime ({report.get('error', 'ModuleNotFoundError')})")
-        fix = _missing_fix(mode, f"{top!r}", f'extra_packages=["{top}"]')
+        where = client_module_origin(top)
+        if where["local"]:
+            msg = (f"{who} cannot run the computation: module {module!r} is a local file of "
+                   f"the client ({where['path']}), not in the workers' runtime")
+            fix = (f"client.upload_file({where['path']!r}) after creating the Client (for a "
+                   "package directory, upload a zip of it), or install it as a package")
+        else:
+            dist = where["distribution"] or top
+            msg = (f"{who} cannot run the computation: module {module!r} is not installed in "
+                   f"the workers' runtime ({report.get('error', 'ModuleNotFoundError')})")
+            fix = _missing_fix(mode, f"{dist!r}", f'extra_packages=["{dist}"]')
+        detail["distribution"] = where["distribution"]
         return WorkerFailure(name, kind, msg, fix, detail=detail)
     if kind == "missing-library":
         lib = report.get("library") or "?"
@@ -189,13 +198,40 @@ def describe(name: str, report: dict | None, mode: str = "", limits: dict | None
                          detail=detail)
 
 
+def client_module_origin(top: str) -> dict:
+    """Where the client imports ``top`` from: an installed distribution, or a local file."""
+    import importlib.metadata
+    import importlib.util
+    import sys
+
+    out = {"local": False, "path": None, "distribution": None}
+    try:
+        dists = importlib.metadata.packages_distributions().get(top) or []
+    except Exception:
+        dists = []
+    if dists:
+        out["distribution"] = dists[0]
+        return out
+    module = sys.modules.get(top)
+    try:
+        spec = module.__spec__ if module is not None else importlib.util.find_spec(top)
+    except (ImportError, ValueError, AttributeError):
+        spec = None
+    origin = getattr(spec, "origin", None)
+    if origin and origin not in ("built-in", "frozen") and "site-packages" not in origin:
+        out["local"] = True
+        out["path"] = origin[:-len("/__init__.py")] if origin.endswith("/__init__.py") else origin
+    return out
+
+
 def _missing_fix(mode: str, package: str, extra: str) -> str:
     if mode == "serverless":
         return (f"add it to the function's runtime: {extra} (or lithops.runtime.package_sync, "
                 "which ships the client's versions of dask's optional dependencies)")
     if mode == "standalone":
-        return (f"install {package} on the hosts: lithops.runtime.package_sync=True ships the "
-                f"client's environment, or {extra} adds it to the runtime venv")
+        return (f"lithops.runtime.package_sync=True (the hosts' runtime venv gets the "
+                f"client's environment, {package} included), or install {package} in the "
+                "Python the hosts run workers with (remote_python)")
     return (f"install {package} in the Python that runs the workers (lithops.localhost.runtime), "
             "or for a module of your own, client.upload_file(...)")
 

@@ -356,9 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         payload = read_payload(args)
         report = run_worker(payload, on_ready=lambda info: _emit(READY_MARK, info))
-        if report["kind"] != "scheduler-lost":
+        if report["kind"] != "scheduler-lost":  # "final": this process ends now
             asyncio.run(post_report(payload.scheduler_address,
-                                    security_from_dict(payload.security), report))
+                                    security_from_dict(payload.security),
+                                    {**report, "final": True}))
     except PayloadError as e:
         _emit(ERROR_MARK, {"type": "PayloadError", "message": str(e)})
         return EXIT_BAD_PAYLOAD

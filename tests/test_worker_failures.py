@@ -77,13 +77,14 @@ def test_missing_module_fails_the_computation_with_the_fix(client_only_module, c
         elapsed = time.monotonic() - start
         assert elapsed < 60, elapsed
         message = str(info.value)
-        assert "'client_helpers' is not installed" in message
-        assert "client.upload_file" in message and "crash_loop_limit" in message
+        assert "module 'client_helpers' is a local file of the client" in message
+        assert f"client.upload_file('{client_only_module.__file__}')" in message
+        assert "crash_loop_limit" in message
         failures = cluster.worker_failures
         assert failures and {f.kind for f in failures} == {"missing-module"}
         assert len(failures) <= cluster.crash_loop_limit + 1  # bounded attempts
         logged = [r for r in caplog.records if r.levelno >= logging.ERROR
-                  and "is not installed" in r.getMessage()]
+                  and "cannot run the computation" in r.getMessage()]
         assert len(logged) == 1
         # the cluster says what it did: no worker left, and its spec agrees (once the
         # last replacements' ends are handled)
