@@ -8,14 +8,20 @@
 * ``api/<package>.md`` -- the API reference (mkdocstrings) of every module of
   ``dask_lithops`` except the test world's: the top-level modules, then one page
   per subpackage; the nav entry "API reference" lists them (:func:`on_config`).
+
+And a check: a page of docs/ missing from the nav of ``mkdocs.yml`` is a warning,
+so ``mkdocs build --strict`` (ci/test.sh) fails until it is added.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
 from mkdocs.structure.files import File
+
+log = logging.getLogger("mkdocs.hooks.dask_lithops")  # a warning fails `mkdocs build --strict`
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "dask_lithops")
@@ -45,6 +51,14 @@ def on_files(files, config):
         if files.get_file_from_path(uri) is None:
             files.append(File.generated(config, uri, content=content))
     return files
+
+
+def on_nav(nav, config, files):
+    in_nav = {page.file.src_uri for page in nav.pages}
+    for f in files.documentation_pages():
+        if f.src_uri not in in_nav:
+            log.warning("docs/%s is not in the nav of mkdocs.yml: add it there", f.src_uri)
+    return nav
 
 
 # -- index ---------------------------------------------------------------------------------------
