@@ -193,7 +193,7 @@ def test_host_reachable_needs_the_sandbox():
 
 def test_stop_removes_the_host_firewall(moto):
     emu = LambdaEmulator(host_reachable=False, aws_endpoint_url=moto.endpoint_url).start()
-    table = emu._sandboxes.firewall.table
+    table = emu.resources()["firewall"]
     assert table in subprocess.run(["nft", "list", "tables"], capture_output=True,
                                    text=True).stdout
     emu.stop()

@@ -13,11 +13,13 @@ emulator's thread pool, never on its event loop.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -247,50 +249,14 @@ class SandboxPool:
 # ---------------------------------------------------------------- environment
 
 
-FILESYSTEM_SCRIPT = r"""
-set -e
-FN_PATH=$PATH; PATH=/usr/sbin:/usr/bin:/sbin:/bin
-R=$1; TMP_MB=$2; USERSPEC=$3; CWD=$4; NBIND=$5; NMASK=$6; shift 6
-mount -t tmpfs -o mode=0755,size=4m dl-root "$R"
-for d in usr bin sbin lib lib32 lib64 libx32 etc; do
-  if [ -L "/$d" ]; then ln -s "$(readlink "/$d")" "$R/$d"
-  elif [ -d "/$d" ]; then
-    mkdir "$R/$d"; mount --bind "/$d" "$R/$d"; mount -o remount,bind,ro "$R/$d"
-  fi
-done
-while [ "$NBIND" -gt 0 ]; do
-  mkdir -p "$R$2"; mount --bind "$1" "$R$2"; mount -o remount,bind,ro "$R$2"
-  shift 2; NBIND=$((NBIND - 1))
-done
-while [ "$NMASK" -gt 0 ]; do
-  if [ -d "$R$1" ]; then mount -t tmpfs -o mode=0755,size=4k,ro dl-mask "$R$1"; fi
-  shift; NMASK=$((NMASK - 1))
-done
-mkdir -p "$R/tmp" "$R/proc" "$R/dev" "$R/sys"
-mount -t tmpfs -o mode=1777,size=${TMP_MB}m dl-tmp "$R/tmp"
-mount -t proc -o nosuid,nodev,noexec proc "$R/proc"
-mount -t tmpfs -o mode=0755,size=64k dl-dev "$R/dev"
-for n in null zero full random urandom tty; do
-  touch "$R/dev/$n"; mount --bind "/dev/$n" "$R/dev/$n"
-done
-ln -s /proc/self/fd "$R/dev/fd"
-ln -s /proc/self/fd/0 "$R/dev/stdin"; ln -s /proc/self/fd/1 "$R/dev/stdout"
-ln -s /proc/self/fd/2 "$R/dev/stderr"
-mkdir "$R/dev/shm"; mount -t tmpfs -o mode=1777,size=64m dl-shm "$R/dev/shm"
-mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "$R/sys" 2>/dev/null || true
-mount -o remount,ro "$R"
-CHROOT=$(command -v chroot); PATH=$FN_PATH
-exec "$CHROOT" --userspec="$USERSPEC" "$R" /bin/sh -c 'cd "$0" && exec "$@"' "$CWD" "$@"
-"""
+#: the system's directories a private root shows (read-only); symlinks among them are copied
+SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc")
 
 
 def filesystem_unavailable() -> str | None:
     """Why processes cannot get a private root here (None when they can)."""
     if os.geteuid() != 0:
         return "not root"
-    for tool in ("unshare", "chroot", "mount"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
     return None
 
 
@@ -298,31 +264,50 @@ def filesystem_unavailable() -> str | None:
 class Filesystem:
     """What a confined process sees instead of this machine's files.
 
-    A private mount namespace with a read-only root of its own: the system's
-    ``/usr``, ``/bin``, ``/lib*``, ``/etc`` (read-only), ``binds`` (path inside ->
-    host directory, read-only), a private tmpfs ``/tmp`` of ``tmp_mb``, a minimal
-    ``/dev``, ``/proc`` and ``/sys``; ``masks`` (paths inside) are covered by empty
-    directories.  The process runs as ``user`` ("uid:gid") in ``cwd``, so the
-    client's files -- its ``/tmp``, home and project directories -- are not there.
-    ``root`` is an empty host directory used as the mount point.
+    A private mount namespace whose root is ``skeleton`` (read-only): the system's
+    ``/usr``, ``/bin``, ``/lib*``, ``/etc`` bound read-only, ``binds`` (path inside ->
+    host directory, read-only), a private tmpfs ``/tmp`` of ``tmp_mb``, ``/dev`` with
+    a private ``/dev/shm``, ``/proc`` and ``/sys``; ``masks`` (paths inside) are
+    covered by empty directories.  The process runs as ``user`` ("uid:gid") in
+    ``cwd``, so the client's files -- its ``/tmp``, home and project directories --
+    are not there.  Mounts live and die with the process's mount namespace; the
+    host sees only the skeleton (empty mount points and the system's symlinks),
+    made once per emulator and shared by its processes.
     """
 
-    root: Path
+    skeleton: Path
     binds: dict
     cwd: str
     user: str
     tmp_mb: int = 512
     masks: tuple = ()
 
+    def __post_init__(self):
+        system = {f"/{d}": f"/{d}" for d in SYSTEM_DIRS
+                  if os.path.isdir(f"/{d}") and not os.path.islink(f"/{d}")}
+        self.binds = {**system, **self.binds}
+        self._make_skeleton()
+
+    def _make_skeleton(self) -> None:
+        self.skeleton.mkdir(parents=True, exist_ok=True)
+        for d in SYSTEM_DIRS:
+            link = self.skeleton / d
+            if os.path.islink(f"/{d}") and not os.path.islink(link):
+                try:
+                    os.symlink(os.readlink(f"/{d}"), link)
+                except FileExistsError:  # another thread made it
+                    pass
+        for inside in [*self.binds, "/tmp", "/proc", "/dev", "/sys"]:
+            (self.skeleton / inside.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.skeleton, 0o755)
+
     def wrap(self, command: list[str]) -> list[str]:
-        args = [str(self.root), str(self.tmp_mb), self.user, self.cwd, str(len(self.binds)),
-                str(len(self.masks))]
-        for inside, host in self.binds.items():
-            args += [str(host), inside]
-        args += list(self.masks)
-        return [shutil.which("unshare") or "unshare", "--mount", "--propagation", "private",
-                "/bin/sh", "-c",
-                FILESYSTEM_SCRIPT, "dl-fs", *args, *command]
+        spec = {"root": str(self.skeleton), "binds": [[str(h), i] for i, h in self.binds.items()],
+                "masks": list(self.masks), "tmp_mb": self.tmp_mb, "user": self.user,
+                "cwd": self.cwd, "command": list(command)}
+        python = getattr(sys, "_base_executable", None) or sys.executable
+        return [python, "-I", "-S", str(Path(__file__).with_name("enter_root.py")),
+                json.dumps(spec)]
 
 
 def interpreter_binds(python_home: str | None = None) -> tuple[dict, tuple]:
@@ -331,8 +316,6 @@ def interpreter_binds(python_home: str | None = None) -> tuple[dict, tuple]:
     A venv's ``bin/python`` links to the base interpreter, which must stay reachable
     inside; its own site-packages (the client's installed packages) are masked.
     """
-    import sys
-
     prefix = python_home or sys.base_prefix
     site = f"{prefix}/lib/python{sys.version_info.major}.{sys.version_info.minor}/site-packages"
     binds = {} if prefix.startswith("/usr") else {prefix: prefix}

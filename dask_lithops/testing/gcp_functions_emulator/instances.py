@@ -51,7 +51,7 @@ class InstanceManager:
                     and inst.in_flight < fn.concurrency:
                 if best is None or inst.state == "idle" and best.state != "idle":
                     best = inst
-        cold = best is None
+        cold = best is None or best.state == "starting"  # it waits for a start either way
         if best is None:
             live = sum(1 for i in fn.instances if i.state != "dead")
             if live >= fn.max_instances:
@@ -127,11 +127,11 @@ class InstanceManager:
         if self.filesystem_isolated:
             # the source at /workspace and the built environment under /layers, as Google's
             # buildpacks lay them out; nothing of the client's
-            (base / "root").mkdir()
             binds, masks = sandbox.interpreter_binds()
             binds.update({"/workspace": fn.source_dir, "/layers/python": fn.python.parent.parent})
             python, source, tmp = Path("/layers/python/bin/python"), Path("/workspace"), "/tmp"
-            fs = sandbox.Filesystem(root=base / "root", binds=binds, cwd="/workspace",
+            fs = sandbox.Filesystem(skeleton=self.workdir / "root", binds=binds,
+                                    cwd="/workspace",
                                     user=INSTANCE_USER, tmp_mb=inst.memory_mb, masks=masks)
         command = [str(python), "-s", "-m", "functions_framework",
                    "--target", fn.build_config["entryPoint"], "--source",

@@ -85,8 +85,8 @@ class CloudFunctionsEmulator(InstanceManager):
     isolate_filesystem:
         Give every instance a root of its own (the source at ``/workspace``, the
         built environment under ``/layers``, a private in-memory ``/tmp``, running
-        unprivileged): none of the client's files.  ``None`` (default): when root
-        with ``unshare``; ``True`` requires it.
+        unprivileged): none of the client's files.  ``None`` (default): when running
+        as root; ``True`` requires it.
     """
 
     def __init__(self, project: str = "test-project", region: str = "us-central1", *,
@@ -210,8 +210,7 @@ class CloudFunctionsEmulator(InstanceManager):
 
     @property
     def host_address(self) -> str:
-        """This host's address as instances reach it (the bridge gateway when sandboxed):
-        where a Dask scheduler that workers in functions dial must listen."""
+        """This host as the instances' sandboxes reach it (a client's ``contact_address``)."""
         return self._sandboxes.host_address
 
     @property

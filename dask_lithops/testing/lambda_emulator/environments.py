@@ -105,11 +105,10 @@ class EnvironmentManager:
         fs = None
         python, cwd = str(self._python), str(env.spec.task_root)
         if self.filesystem_isolated:
-            (base / "root").mkdir()
             binds, masks = sandbox.interpreter_binds()
             binds.update({"/var/task": env.spec.task_root, "/opt": env.spec.opt_dir,
                           str(RUNTIME_DIR): self._python.parent.parent})
-            fs = sandbox.Filesystem(root=base / "root", binds=binds, cwd="/var/task",
+            fs = sandbox.Filesystem(skeleton=self.workdir / "root", binds=binds, cwd="/var/task",
                                     user=LAMBDA_USER, masks=masks)
             python, cwd = str(RUNTIME_DIR / "bin/python"), "/var/task"
         try:

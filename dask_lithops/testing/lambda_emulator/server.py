@@ -93,7 +93,7 @@ class LambdaEmulator(ControlAPI, Dispatcher, EnvironmentManager):
         Give every environment a root of its own: its code at ``/var/task``, layers at
         ``/opt``, a private ``/tmp``, the system's ``/usr``/``/etc`` read-only, running
         as Lambda's unprivileged user -- none of the client's files.  ``None``
-        (default): when root with ``unshare``; ``True`` requires it.
+        (default): when running as root; ``True`` requires it.
     """
 
     def __init__(self, sandbox: bool | None = None, account_concurrency: int = 100,
@@ -410,6 +410,8 @@ class LambdaEmulator(ControlAPI, Dispatcher, EnvironmentManager):
                     "bridge": self._sandboxes.bridge.name if self._sandboxes.bridge else None,
                     "cgroup": (str(self._sandboxes.cgroups.parent) if self._sandboxes.cgroups
                                else None),
+                    "firewall": (self._sandboxes.firewall.table if self._sandboxes.firewall
+                                 else None),
                     "workdir": str(self.workdir) if self.workdir else None}
         return self._call(get)
 
