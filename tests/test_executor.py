@@ -461,9 +461,13 @@ def test_plot_and_job_summary(fexec, tmp_path):
 # --------------------------------------------------------------------------- its own cluster
 
 
-def test_executor_starts_and_closes_its_cluster():
-    program = {"lithops": {"backend": "localhost"}, "localhost": {"worker_processes": 1}}
-    with lithops.LocalhostExecutor(config=program, dashboard_address=None) as fexec:
+def test_executor_starts_and_closes_its_cluster(tmp_path):
+    config_file = tmp_path / "lithops_config"
+    config_file.write_text("lithops:\n  backend: localhost\n  storage: localhost\n"
+                           "localhost:\n  worker_processes: 1\n")
+    with lithops.FunctionExecutor(config_file=str(config_file), dashboard_address=None) as fexec:
+        assert (fexec.mode, fexec.backend, fexec.config["lithops"]["storage"]) == (
+            "localhost", "localhost", "localhost")
         cluster = fexec.cluster
         assert len(cluster.workers) == 1
         assert fexec.get_result(fexec.map(double, [1, 2])) == [2, 4]
