@@ -19,6 +19,7 @@ import concurrent.futures
 import dataclasses
 import inspect
 import logging
+import random
 import time
 import uuid
 from typing import ClassVar
@@ -45,6 +46,7 @@ from dask_lithops.payload import (
 from dask_lithops.serverless import reachability
 from dask_lithops.serverless.backends import BACKENDS, backend_class
 from dask_lithops.serverless.backends.base import Invocation
+from dask_lithops.serverless.handler import _SAFETY as _HANDLER_SAFETY
 from dask_lithops.serverless.handler import EXIT_REPORT_OP
 from dask_lithops.serverless.usage import UsageTracker
 
@@ -54,6 +56,7 @@ __all__ = ["BACKENDS", "FunctionWorker", "PayloadTooLarge", "ServerlessCluster",
 
 _STOP_WAIT = 15.0  # for a stopped worker's exit report
 _END_WAIT = 5.0  # then for its invocation to return (a held request), before cutting it off
+_GOLDEN = 0.6180339887498949
 _PAYLOAD_FIELDS = tuple(f.name for f in dataclasses.fields(LaunchPayload))
 _CLUSTER_OPTIONS = frozenset(inspect.signature(LithopsCluster.__init__).parameters) - {"self"}
 
@@ -67,6 +70,7 @@ class FunctionWorker(WorkerLauncher):
 
     invoked_at: float | None = None
     invocation: Invocation | None = None
+    retire_early: float = 0.0  # seconds this worker retires before the others (see launch)
 
     @property
     def request_id(self) -> str | None:
@@ -76,6 +80,13 @@ class FunctionWorker(WorkerLauncher):
         cluster = self.cluster
         event = cluster.worker_event(payload)
         self.invoked_at = time.monotonic()
+        # Workers launched together would all reach their deadline at once: with their
+        # replacements late (slow cold starts), each would retire while the others retire
+        # too, and none could take their data.  Consecutive workers retire up to one lead
+        # apart instead (a low-discrepancy sequence over the worker number).
+        number = int(self.name.rsplit("-", 1)[-1]) if self.name.rsplit("-", 1)[-1].isdigit() \
+            else random.randrange(1000)
+        self.retire_early = (number * _GOLDEN) % 1.0 * cluster.retire_spread
         cluster.usage_tracker.invoked(self.name, cluster.memory)
         try:
             self.invocation = await cluster.start_invocation(self.name, event)
@@ -218,6 +229,9 @@ class ServerlessCluster(LithopsCluster):
                 f"{cls.key('runtime_timeout')} = {self.timeout} leaves no time to work "
                 f"after the lifetime margin ({self.lifetime_margin:.0f}s) and replacement lead "
                 f"({self.replacement_lead:.0f}s); allowed: a longer timeout or smaller margins")
+        # workers retire up to this much apart (never leaving less than 2 s of work)
+        self.retire_spread = min(self.replacement_lead,
+                                 self.worker_lifetime - self.replacement_lead - 2)
 
         contact = config.get("cluster.contact_address", contact_address)
         if not contact:
@@ -499,8 +513,11 @@ class ServerlessCluster(LithopsCluster):
 
     # ------------------------------------------------------------------ rotation
 
+    def retire_deadline(self, w: FunctionWorker) -> float:
+        """When (monotonic) worker ``w`` retires, its replacement there or not."""
+        return w.invoked_at + self.worker_lifetime - w.retire_early
+
     async def _rotation_loop(self) -> None:
-        rotate_after = self.worker_lifetime - self.replacement_lead
         while True:
             await asyncio.sleep(0.5)
             if self.status != Status.running:
@@ -509,7 +526,8 @@ class ServerlessCluster(LithopsCluster):
             for name, w in list(self.workers.items()):
                 if not isinstance(w, FunctionWorker) or w.invoked_at is None:
                     continue
-                if now - w.invoked_at >= rotate_after and name in self.worker_spec:
+                if now >= self.retire_deadline(w) - self.replacement_lead and \
+                        name in self.worker_spec:
                     self._rotate(name, w)
             self._warn_waiting(now)
 
@@ -525,11 +543,16 @@ class ServerlessCluster(LithopsCluster):
         asyncio.ensure_future(self._retire_rotated(name, old, new_name))
 
     async def _retire_rotated(self, name: str, old: FunctionWorker, new_name: str) -> None:
-        deadline = old.invoked_at + self.worker_lifetime
+        deadline = self.retire_deadline(old)
+        # the function itself lives on until its timeout less the handler's safety margin
+        # (counted here from the invoke, before the function even started: conservative)
+        last_moment = old.invoked_at + self.timeout - _HANDLER_SAFETY - 1.0
         try:
-            # 1. the replacement is there (or we are out of time)
-            while time.monotonic() < deadline and new_name not in self._addresses and \
-                    self.status == Status.running:
+            # 1. the replacement is there (or we are out of time; while no other worker
+            #    could take this one's data, until the last moment)
+            while new_name not in self._addresses and self.status == Status.running and (
+                    time.monotonic() < deadline or (time.monotonic() < last_moment
+                                                    and not self._data_recipients(name))):
                 await asyncio.sleep(0.2)
             # 2. drain: no new tasks for the old worker; let its running ones finish
             addr = self._addresses.get(name)
@@ -550,6 +573,11 @@ class ServerlessCluster(LithopsCluster):
             logger.exception("rotating out worker %s failed", name)
         finally:
             self._retiring.pop(name, None)
+
+    def _data_recipients(self, name: str) -> bool:
+        """Is a worker other than ``name`` running (not draining): one that can take data?"""
+        return any(ws.status == Status.running and ws.name != name
+                   for ws in self.scheduler.workers.values())
 
     def _warn_waiting(self, now: float) -> None:
         """Say so when invocations do not turn into workers (unreachable, or throttled)."""
