@@ -202,12 +202,17 @@ def test_exceptions_reraise_with_type_and_traceback(fexec):
     assert fs[1]._exception[0] is Boom
 
 
-def test_call_timeout(fexec):
+def test_call_timeout(fexec, client):
     t0 = time.monotonic()
     fs = fexec.map(time.sleep, [30], timeout=1)
     with pytest.raises(TimeoutError, match="exceeded maximum time of 1 seconds"):
         fexec.get_result(fs)
     assert time.monotonic() - t0 < 15
+
+    # Lithops' execution_timeout (config) is the default per-call limit
+    with lithops.FunctionExecutor(cluster=client, config={"lithops": {"execution_timeout": 1}}) as ex:
+        with pytest.raises(TimeoutError, match="exceeded maximum time of 1 seconds"):
+            ex.get_result(ex.map(time.sleep, [30]))
 
 
 # --------------------------------------------------------------------------- wait
@@ -321,6 +326,13 @@ def test_retrying_executor(fexec, tmp_path):
         with pytest.raises(Boom):
             rexec.wait(fs)
         assert fs[0].failure_count == 2
+
+    # lithops.retries in the config is the default
+    with lithops.FunctionExecutor(cluster=fexec.client, config={"lithops": {"retries": 1}}) as ex:
+        rexec = lithops.RetryingFunctionExecutor(ex)
+        fs = rexec.map(flaky, [7], extra_args=(str(tmp_path),))
+        done, _ = rexec.wait(fs, download_results=True)
+        assert done[0].result() == 21 and fs[0].failure_count == 1
 
 
 def kill_my_worker_once(x, marker_dir):
