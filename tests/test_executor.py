@@ -408,6 +408,9 @@ def test_object_iterdata_partitions_keep_lines_whole(fexec):
     assert by_key["in/b.txt"] == [f"{i:05d}" for i in range(1000)]
     assert len([p for p in parts if p["key"] == "in/a.txt"]) == -(-len(data["in/a.txt"]) // 7000)
 
+    parts = fexec.get_result(fexec.map(count_lines, "localhost://data/in/b*.txt"))  # a glob
+    assert [p["key"] for p in parts] == ["in/b.txt"] and len(parts[0]["lines"]) == 1000
+
     parts = fexec.get_result(fexec.map(count_lines, ["data/in/a.txt"], obj_chunk_number=4))
     assert [p["part"] for p in parts] == [1, 2, 3, 4]
     assert sum(len(p["lines"]) for p in parts) == 3000
