@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from dask_lithops.cli import options
+from dask_lithops.progress import Progress
 
 
 def _backend(endpoint_url, memory=None, timeout=None):
@@ -19,7 +20,7 @@ def _backend(endpoint_url, memory=None, timeout=None):
         raise click.ClickException(str(e)) from None
 
 
-def _build(name, extra_packages, requirements_file, architecture, force):
+def _build(name, extra_packages, requirements_file, architecture, force, package_sync=None):
     from dask_lithops.runtime.builder import RuntimeBuildError, build_runtime
     from dask_lithops.serverless.backends.aws_lambda import resolve_config
 
@@ -29,7 +30,8 @@ def _build(name, extra_packages, requirements_file, architecture, force):
             name or cfg.get("runtime") or "default",
             extra_packages=list(extra_packages) or cfg.get("extra_packages") or [],
             requirements_file=requirements_file or cfg.get("requirements_file"),
-            architecture=architecture or cfg["architecture"], force=force, log=click.echo)
+            architecture=architecture or cfg["architecture"], force=force,
+            package_sync=package_sync, progress=Progress())
     except RuntimeBuildError as e:
         raise click.ClickException(str(e)) from None
 
@@ -50,11 +52,49 @@ def runtime():
     """Build and manage function runtimes (serverless mode)."""
 
 
+def show_contents(for_hosts: bool, extra_packages, package_sync) -> None:
+    """Print what a runtime will contain, one distribution a line, with why."""
+    from dask_lithops.runtime import contents
+    from dask_lithops.runtime.builder import RuntimeBuildError, function_contents
+
+    try:
+        if for_hosts:
+            entries = contents.host_contents(extra_packages, package_sync)
+        else:
+            entries = function_contents(extra_packages, package_sync)
+    except (RuntimeBuildError, contents.MissingPackageError) as e:
+        raise click.ClickException(str(e)) from None
+    what = "SSH/EC2 hosts' runtime venv" if for_hosts else "function runtime"
+    sync = "on" if package_sync else "off"
+    click.echo(f"{what}: {len(entries)} distributions (package sync {sync})")
+    click.echo(f"{'distribution':<32} {'version':<16} why")
+    for e in entries:
+        source = f" [{e.source} {e.path}]" if e.source != "index" else ""
+        click.echo(f"{e.name:<32} {e.version:<16} {e.reason}{source}")
+
+
 @runtime.command("build")
 @_with_common
-def build(name, extra_packages, requirements_file, architecture, force):
+@click.option("--show", is_flag=True,
+              help="list what the runtime will contain and why; build nothing")
+@click.option("--hosts", "for_hosts", is_flag=True,
+              help="with --show: the runtime venv of SSH/EC2 hosts instead of a function's")
+@click.option("--package-sync/--no-package-sync", default=None,
+              help="the client's packages in the runtime (default: lithops.runtime.package_sync)")
+def build(name, extra_packages, requirements_file, architecture, force, show, for_hosts,
+          package_sync):
     """Build the deployment package: dask-lithops + the client's exact versions."""
-    pkg = _build(name, extra_packages, requirements_file, architecture, force)
+    from dask_lithops import config
+
+    package_sync = config.get("runtime.package_sync", package_sync)
+    if show:
+        extras = list(extra_packages)
+        if requirements_file:
+            from dask_lithops.runtime.builder import _read_requirements
+
+            extras += _read_requirements(requirements_file)
+        return show_contents(for_hosts, extras, package_sync)
+    pkg = _build(name, extra_packages, requirements_file, architecture, force, package_sync)
     click.echo(f"runtime {pkg.name} version {pkg.version} (python{pkg.python}, "
                f"{pkg.architecture}): {pkg.zipped_bytes / 2**20:.1f} MB zipped, "
                f"{pkg.unzipped_bytes / 2**20:.1f} MB unzipped")

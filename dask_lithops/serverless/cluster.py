@@ -36,6 +36,7 @@ from dask_lithops.payload import (
     runtime_key,
     runtime_mismatch,
 )
+from dask_lithops.progress import format_bytes
 from dask_lithops.serverless.handler import EXIT_REPORT_OP
 from dask_lithops.serverless.usage import UsageTracker
 
@@ -122,6 +123,10 @@ class ServerlessCluster(LithopsCluster):
     extra_packages, requirements_file:
         ``lithops.aws_lambda.*`` (Lithops' key names).  ``endpoint_url`` points
         boto3 at another Lambda API (the offline emulator).
+    package_sync: bool
+        The function carries the client's installed versions of dask's optional
+        dependencies (numpy, pandas, pyarrow, ...) besides ``extra_packages``
+        (``lithops.runtime.package_sync``, default true).  See docs/runtime.md.
     contact_address: str
         The host workers dial (the scheduler and the relay listen on
         ``0.0.0.0``).  Required on AWS: a public or VPC address of this host.
@@ -162,7 +167,8 @@ class ServerlessCluster(LithopsCluster):
                  endpoint_url: str | None = None, extra_packages: list | None = None,
                  requirements_file: str | None = None, threads_per_worker: int | None = None,
                  lifetime_margin=None, replacement_lead=None, usage_report: bool | None = None,
-                 contact_address: str | None = None, **kwargs):
+                 contact_address: str | None = None, package_sync: bool | None = None,
+                 **kwargs):
         if kwargs.pop("relay", True) is False:
             raise config.ConfigError("relay=False is not possible in serverless mode: functions "
                                      "accept no inbound connection")
@@ -184,6 +190,7 @@ class ServerlessCluster(LithopsCluster):
             user_tags=user_tags, max_workers=max_workers,
             invoke_pool_threads=invoke_pool_threads, endpoint_url=endpoint_url,
             extra_packages=extra_packages, requirements_file=requirements_file)
+        self.package_sync = bool(config.get("runtime.package_sync", package_sync))
         self.backend = cls(bcfg)  # validates: bad input fails before anything is started
         self.backend_config = bcfg
         self.runtime_name = bcfg.get("runtime") or "default"
@@ -249,12 +256,16 @@ class ServerlessCluster(LithopsCluster):
                             extra_packages=self.backend_config.get("extra_packages") or [],
                             requirements_file=self.backend_config.get("requirements_file"),
                             architecture=self.backend_config["architecture"],
-                            log=logger.info)
+                            log=logger.info, package_sync=self.package_sync,
+                            progress=self.progress)
         self.runtime_package = pkg
         name = self.backend.get_runtime_key(pkg.name, self.memory, pkg.version)
         info = self.backend.get_runtime_info(name)
         if info is None:
-            self.backend.deploy_runtime(pkg, self.memory, self.timeout)
+            with self.progress.phase(f"deploying function {name}") as phase:
+                self.backend.deploy_runtime(pkg, self.memory, self.timeout)
+                phase.detail = (f"{format_bytes(pkg.zipped_bytes)} zipped, "
+                                f"{len(pkg.layer_zips)} layers")
         elif info.timeout != self.timeout:
             raise config.ConfigError(
                 f"function {name} exists with runtime_timeout = {info.timeout}, but "

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface
 
-from dask_lithops import config
+from dask_lithops import config, progress
 from dask_lithops.cluster import LithopsCluster, WorkerLauncher, WorkerLaunchError, inherited_config
 from dask_lithops.payload import encode, security_to_dict
 
@@ -305,8 +305,13 @@ class StandaloneCluster(LithopsCluster):
         The host's Python (default: ``python3.X`` matching the client, or ``python3``).
     install_runtime: bool
         Install the client's exact package versions into a venv where hosts differ.
-    extra_python_packages: list of str
-        More packages for the hosts' runtime venv (Lithops' key).
+    extra_python_packages, extra_packages: list of str
+        More packages for the hosts' runtime venv (installed on the client: shipped at
+        the client's version).
+    package_sync: bool
+        The hosts' runtime venv gets every distribution of the client's environment
+        (``lithops.runtime.package_sync``, default true); false: dask-lithops'
+        dependencies and the extra packages only.  See docs/runtime.md.
     exec_mode, n_vms, soft_dismantle_timeout, hard_dismantle_timeout, start_timeout,
     start_retries, region, endpoint_url, worker_instance_type, target_ami, ...:
         ``aws_ec2`` (``lithops.standalone.*`` / ``lithops.aws_ec2.*``, Lithops' key
@@ -332,7 +337,8 @@ class StandaloneCluster(LithopsCluster):
                  connect_timeout: float | None = None, remote_dir: str | None = None,
                  remote_python: str | None = None, install_runtime: bool | None = None,
                  extra_python_packages: list[str] | None = None,
-                 stop_grace: float | None = None, **kwargs):
+                 stop_grace: float | None = None, package_sync: bool | None = None,
+                 extra_packages: list[str] | None = None, **kwargs):
         if backend is None:
             default = config.get("backend")
             backend = default if default in BACKENDS else "ssh"
@@ -383,7 +389,11 @@ class StandaloneCluster(LithopsCluster):
         self._grows: set[asyncio.Task] = set()
         self._used: set[int] = set()            # hosts given workers (released when they lose them)
         self._scheduler_host: HostState | None = None  # a remote scheduler's own host, if any
-        self._runtime_spec: RuntimeSpec = client_runtime(opts["extra_python_packages"] or ())
+        self.progress = progress.for_cluster(kwargs.get("quiet"), kwargs.get("silence_logs")
+                                             or config.get("cluster.silence_logs"))
+        self._runtime_spec: RuntimeSpec = client_runtime(
+            [*(opts["extra_python_packages"] or ()), *(extra_packages or ())],
+            config.get("runtime.package_sync", package_sync), self.progress)
         kwargs.setdefault("n_workers", 0)
         super().__init__(threads_per_worker=opts["threads_per_worker"] or 1,
                          memory_limit=opts["memory_limit"], nanny=opts["nanny"], **kwargs)
@@ -408,7 +418,8 @@ class StandaloneCluster(LithopsCluster):
             o = self.ssh_options
             rt = prepare_host(conn, self._runtime_spec, remote_dir=o["remote_dir"],
                               remote_python=o["remote_python"],
-                              install_runtime=bool(o["install_runtime"]), reach_port=reach_port)
+                              install_runtime=bool(o["install_runtime"]), reach_port=reach_port,
+                              progress=self.progress)
         except BaseException:
             conn.close()
             raise
@@ -421,9 +432,23 @@ class StandaloneCluster(LithopsCluster):
                              reach_port: int | None = None) -> list[HostState]:
         """Connect to and prepare hosts in parallel; raise naming every host that failed."""
         first, self._next_index = self._next_index, self._next_index + len(specs)
-        results = await asyncio.gather(
-            *(run_in_ssh_thread(self._prepare, first + k, s, reach_port)
-              for k, s in enumerate(specs)), return_exceptions=True)
+        with self.progress.phase(f"preparing {len(specs)} hosts", total=len(specs),
+                                 unit="hosts") as phase:
+            def prepare(index, spec):
+                state = self._prepare(index, spec, reach_port)
+                phase.advance()
+                return state
+
+            results = await asyncio.gather(
+                *(run_in_ssh_thread(prepare, first + k, s) for k, s in enumerate(specs)),
+                return_exceptions=True)
+            states = [r for r in results if isinstance(r, HostState)]
+            installed = sum(h.runtime.installed for h in states)
+            in_venv = sum(f"/runtimes/{self._runtime_spec.key}/" in h.runtime.python
+                          for h in states)
+            phase.detail = f"runtime {self._runtime_spec.key}, " + (
+                f"venv installed by {installed} hosts" if installed else
+                "venv reused" if in_venv else "hosts' Python used as it is")
         errors = {str(s): r for s, r in zip(specs, results) if isinstance(r, BaseException)}
         if errors:
             for r in results:
