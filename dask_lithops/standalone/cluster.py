@@ -464,7 +464,13 @@ class StandaloneCluster(LithopsCluster):
         reach_port = None
 
         async def workers():
-            specs = await self.provider.acquire(self.provider.initial)
+            if hasattr(self.provider, "vms"):  # VMs boot: minutes, say so
+                with self.progress.phase(f"starting {self.provider.initial} "
+                                         f"{self.provider.name} VMs") as phase:
+                    specs = await self.provider.acquire(self.provider.initial)
+                    phase.detail = f"{len(specs)} reachable over SSH"
+            else:
+                specs = await self.provider.acquire(self.provider.initial)
             return await self._prepare_specs(specs, reach_port)
 
         try:
