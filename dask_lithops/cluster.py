@@ -10,15 +10,13 @@ by worker name, and logs.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import os
-import secrets
 import shlex
 import sys
 import uuid
 import weakref
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import dask
 import dask.config
@@ -57,12 +55,11 @@ class WorkerLauncher(ProcessInterface):
     :meth:`logs`); they never block the event loop (blocking SDKs go to a thread).
     """
 
-    def __init__(self, scheduler: str, name: str, cluster: weakref.ref, **options: Any):
+    def __init__(self, scheduler: str, name: str, cluster: weakref.ref):
         super().__init__(scheduler=scheduler, name=name)
         self.scheduler = scheduler
         self.name = name
         self.cluster_ref = cluster
-        self.options = options
         self.payload: LaunchPayload | None = None
 
     @property
@@ -231,12 +228,10 @@ class LithopsCluster(SpecCluster):
             self._security = Security.temporary()
         else:
             self._security = Security()
-        if self.relay_enabled:
-            self._security = copy.copy(self._security)  # never put our token in the caller's
-            self._security.extra_conn_args = {
-                **(self._security.extra_conn_args or {}),
-                "relay_token": secrets.token_urlsafe(32),
-            }
+        if self.relay_enabled:  # a copy: never put our token in the caller's Security
+            from dask_lithops.relay import new_token, relay_security
+
+            self._security = relay_security(new_token(), self._security)
 
         scheduler_options = dict(scheduler_options or {})
         scheduler_host = opts["scheduler_host"] or self.default_scheduler_host

@@ -212,17 +212,6 @@ def resolved() -> list[tuple[str, Any, str]]:
     return [(k, *get_with_source(k)) for k in sorted(keys)]
 
 
-def resolved_tree() -> dict:
-    tree: dict = {}
-    for key, value, _ in resolved():
-        node = tree
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return tree
-
-
 # --------------------------------------------------------------------------- validation
 
 

@@ -1,13 +1,18 @@
-"""The launch payload: what every mode hands to the worker entry point.
+"""Payloads: what the client hands to the processes it starts elsewhere.
 
-A plain msgpack-able dict, so the same payload travels on a subprocess' stdin,
-in a function invocation's event, or in a 0600 file uploaded over SFTP.
+* :class:`LaunchPayload` -- every mode hands it to the worker entry point
+  (:mod:`dask_lithops.worker`);
+* :class:`SchedulerPayload` -- a scheduler (and optionally a relay) started on
+  a remote host (:mod:`dask_lithops.standalone.remote_scheduler`).
+
+Both are plain msgpack-able dicts, so they travel on a subprocess' stdin, in a
+function invocation's event, or in a 0600 file uploaded over SFTP; TLS material
+travels as PEM contents (the other side has none of the client's files).
 """
 
 from __future__ import annotations
 
 import base64
-import platform
 import sys
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -76,29 +81,47 @@ def describe_mismatch(diff: dict[str, tuple], where: str = "worker") -> str:
     )
 
 
-def security_to_dict(security) -> dict | None:
-    """The fields of a distributed.Security that workers need (PEM contents, not paths)."""
+def _pem(value):
+    """PEM contents of a certificate/key given as contents or as a path (read here)."""
+    if isinstance(value, str) and value and not value.lstrip().startswith("-----BEGIN"):
+        with open(value) as f:  # a path: ship the contents, the other side has no such file
+            return f.read()
+    return value
+
+
+def security_to_dict(security, scheduler: bool = False) -> dict | None:
+    """The fields of a distributed.Security a remote process needs (PEM contents, not paths).
+
+    Workers get the CA, worker and client certificates; ``scheduler=True`` adds
+    ``tls_scheduler_cert``/``_key``, the certificate a remote scheduler serves
+    with (the scheduler's own, else the worker's, as ``Security.temporary()``
+    uses one certificate for every role).
+    """
     if security is None:
         return None
     out: dict[str, Any] = {}
     for name in _SECURITY_FIELDS:
         value = getattr(security, name, None)
-        if isinstance(value, str) and name.endswith(("_file", "_cert", "_key")) and \
-                not value.lstrip().startswith("-----BEGIN"):
-            with open(value) as f:  # a path: ship the contents, the worker has no such file
-                value = f.read()
+        if name.endswith(("_file", "_cert", "_key")):
+            value = _pem(value)
         if name in ("tls_min_version", "tls_max_version") and value is not None:
             value = int(value)
         if value is not None:
             out[name] = value
+    if scheduler:
+        for role in ("scheduler", "worker"):
+            cert = getattr(security, f"tls_{role}_cert", None)
+            if cert:
+                out["tls_scheduler_cert"] = _pem(cert)
+                out["tls_scheduler_key"] = _pem(getattr(security, f"tls_{role}_key", None))
+                break
     extra = getattr(security, "extra_conn_args", None)
     if extra:
         out["extra_conn_args"] = dict(extra)
     # Security.temporary() uses one certificate as CA, worker and client cert:
     # ship each PEM once (a FaaS event has a size limit), refer to it by field name.
     first_of: dict[str, str] = {}
-    for name in _SECURITY_FIELDS:
-        value = out.get(name)
+    for name, value in list(out.items()):
         if isinstance(value, str) and value.lstrip().startswith("-----BEGIN"):
             if value in first_of:
                 out[name] = _SAME_AS + first_of[value]
@@ -196,5 +219,51 @@ def decode_b64(text: str) -> LaunchPayload:
     return decode(raw)
 
 
-def platform_tag() -> str:
-    return f"{platform.system().lower()}-{platform.machine()}"
+@dataclass
+class SchedulerPayload:
+    """What a scheduler started on a remote host needs (``remote_scheduler --payload-file``).
+
+    ``host``/``port``: where it listens (``port`` 0: any); ``security``: from
+    :func:`security_to_dict` with ``scheduler=True``; ``dashboard_address``:
+    None for no dashboard; ``config``: the client's dask config (differences
+    from the defaults); ``relay``: ``{"host": ..., "port": ...}`` to run a
+    ``relay://`` relay in the same process (its token travels in
+    ``security["extra_conn_args"]["relay_token"]``), or None.
+    """
+
+    host: str
+    port: int = 0
+    protocol: str | None = None
+    security: dict | None = None
+    dashboard_address: str | None = None
+    config: dict = field(default_factory=dict)
+    idle_timeout: float | None = None
+    relay: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def encode(self) -> bytes:
+        return msgpack.packb(self.to_dict(), use_bin_type=True)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> SchedulerPayload:
+        try:
+            data = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        except Exception as e:
+            raise PayloadError(f"scheduler payload is not valid msgpack: {e}") from e
+        if not isinstance(data, dict):
+            raise PayloadError(f"scheduler payload must be a mapping, got {type(data).__name__}")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise PayloadError(f"unknown scheduler payload keys {sorted(unknown)}; "
+                               f"allowed: {sorted(known)}")
+        if not data.get("host"):
+            raise PayloadError("scheduler payload is missing 'host'")
+        relay = data.get("relay")
+        if relay is not None and not (data.get("security") or {}).get(
+                "extra_conn_args", {}).get("relay_token"):
+            raise PayloadError("scheduler payload has 'relay' but no relay token in "
+                               "security.extra_conn_args")
+        return cls(**data)

@@ -370,6 +370,29 @@ def test_runtime_version_mismatch_is_a_clear_error(emulator, runtime_package):
     assert len([i for i in emulator.invocations() if i.kind == "Event"]) == events_before
 
 
+def test_unreachable_scheduler_is_a_clear_error_before_any_invocation(emulator, runtime_package):
+    """Functions cannot dial the contact address (here: an address that is their own loopback,
+    where nothing listens): the cluster says so, naming the addresses and the fixes, before any
+    worker is invoked, well within worker_start_timeout, and leaves nothing running."""
+    from dask_lithops.serverless.reachability import SchedulerUnreachable
+
+    events_before = len([i for i in emulator.invocations() if i.kind == "Event"])
+    t0 = time.monotonic()
+    with pytest.raises(SchedulerUnreachable) as info:
+        ServerlessCluster(endpoint_url=emulator.endpoint_url, contact_address="127.0.0.1",
+                          extra_packages=EXTRA, runtime_memory=1024, runtime_timeout=120,
+                          dashboard_address=None, n_workers=2, worker_start_timeout="30s")
+    assert time.monotonic() - t0 < 30
+    msg = str(info.value)
+    assert re.search(r"cannot dial the scheduler at 127\.0\.0\.1:\d+ \(connection refused\)", msg), msg
+    assert re.search(r"the relay at 127\.0\.0\.1:\d+", msg), msg
+    for fix in ('scheduler="aws_ec2"', 'scheduler="ssh"', "contact_address",
+                "lithops.aws_lambda.vpc"):
+        assert fix in msg, (fix, msg)
+    assert len([i for i in emulator.invocations() if i.kind == "Event"]) == events_before
+    assert [e for e in emulator.environments if e.state == "busy"] == []
+
+
 def test_sigkilled_client_leaves_no_invocation_running(emulator, runtime_package, tmp_path):
     """The client dies with SIGKILL: its functions notice the lost scheduler and return
     within death_timeout, long before their own timeout (nothing keeps billing)."""

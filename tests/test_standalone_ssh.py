@@ -35,7 +35,7 @@ def assert_no_dask_left(world, hosts=None):
 
 # -- provider ---------------------------------------------------------------------------------
 def test_connect_errors_name_the_host(ssh_hosts, tmp_path):
-    from dask_lithops.standalone.providers.ssh import (
+    from dask_lithops.standalone.ssh_transport import (
         SSHAuthenticationError,
         SSHHostKeyError,
         SSHUnreachableError,
@@ -73,8 +73,8 @@ def test_process_management_and_tunnel(ssh_hosts):
     import socket
 
     from dask_lithops.standalone.bootstrap import start_processes, stop_processes
-    from dask_lithops.standalone.providers.ssh import connect
     from dask_lithops.standalone.remote_runtime import client_runtime, prepare_host
+    from dask_lithops.standalone.ssh_transport import connect
 
     h = ssh_hosts.hosts[0]
     conn = connect(f"root@{h}", key_filename=ssh_hosts.key_filename,
@@ -173,6 +173,51 @@ def test_remote_scheduler_through_tunnel(ssh_hosts):
     assert_no_dask_left(ssh_hosts)
 
 
+def test_remote_scheduler_launcher_with_relay_on_its_own(ssh_hosts):
+    """The launcher a serverless cluster reuses: a scheduler + relay on a host, no
+    StandaloneCluster; a worker outside the host reaches peers only through the relay."""
+    import asyncio
+
+    from distributed import Client, Security, Worker
+
+    from dask_lithops.relay import new_token, relay_security, worker_addresses
+    from dask_lithops.standalone.hosts import HostSetup
+    from dask_lithops.standalone.launchers import RemoteScheduler
+    from dask_lithops.standalone.remote_runtime import client_runtime
+    from dask_lithops.standalone.ssh_transport import HostSpec, run_in_ssh_thread
+
+    h0 = ssh_hosts.hosts[0]
+    setup = HostSetup(dict(key_filename=ssh_hosts.key_filename, known_hosts=ssh_hosts.known_hosts),
+                      client_runtime(), remote_python=MATCHING_PYTHON)
+    security = relay_security(new_token(), Security.temporary())
+
+    async def main():
+        host = await run_in_ssh_thread(setup.prepare, HostSpec.parse(f"root@{h0}"))
+        try:
+            s = RemoteScheduler(host, run_id="relaytest", security=security,
+                                protocol="tls://", relay={"port": 0})
+            await s
+            try:
+                assert s.address.startswith("tls://127.0.0.1:")
+                assert s.worker_address.startswith(f"tls://{h0}:")
+                assert s.relay_address.startswith(f"{h0}:")
+                assert s.relay_local_address.startswith("127.0.0.1:")
+                async with Worker(s.address, security=security, nthreads=1,
+                                  dashboard_address="127.0.0.1:0",
+                                  **worker_addresses(s.relay_address, "w-outside")) as w:
+                    assert w.address == f"relay://{s.relay_address}/w-outside"
+                    async with Client(s.address, security=security, asynchronous=True) as c:
+                        # the scheduler on the host gathers the result through the relay
+                        assert await c.submit(lambda x: x + 1, 41) == 42
+            finally:
+                await s.close()
+        finally:
+            host.close()
+
+    asyncio.run(main())
+    assert_no_dask_left(ssh_hosts, hosts=[h0])
+
+
 def test_host_killed_mid_computation(ssh_hosts):
     from distributed import Client
 
@@ -226,7 +271,7 @@ def test_version_mismatch_installs_venv_or_fails_clearly(ssh_hosts, tmp_path):
 
 def test_unknown_host_key_rejected_by_cluster(ssh_hosts, tmp_path):
     from dask_lithops.standalone import StandaloneCluster
-    from dask_lithops.standalone.providers.ssh import SSHHostKeyError
+    from dask_lithops.standalone.ssh_transport import SSHHostKeyError
 
     partial = tmp_path / "known_hosts"
     lines = open(ssh_hosts.known_hosts).read().splitlines()

@@ -37,6 +37,7 @@ from dask_lithops.payload import (
     runtime_mismatch,
 )
 from dask_lithops.progress import format_bytes
+from dask_lithops.serverless import reachability
 from dask_lithops.serverless.handler import EXIT_REPORT_OP
 from dask_lithops.serverless.usage import UsageTracker
 
@@ -237,6 +238,7 @@ class ServerlessCluster(LithopsCluster):
         self.function_name: str | None = None
         self.runtime_package = None
         self.throttle_warnings = 0
+        self._unreachable_warned = False
         kwargs.setdefault("lifetime", None)
         super().__init__(
             n_workers=sopts["n_workers"],
@@ -292,10 +294,26 @@ class ServerlessCluster(LithopsCluster):
             await asyncio.get_running_loop().run_in_executor(self._invoke_pool,
                                                              self.ensure_runtime)
         await super()._start()
+        try:
+            await self._check_reachable()
+        except reachability.SchedulerUnreachable:
+            await self._close()  # nothing was invoked yet: nothing else to stop
+            raise
         self.scheduler.handlers[EXIT_REPORT_OP] = self._on_exit_report
         self.scheduler.add_plugin(_Tracker(self), name=_Tracker.name)
         self.worker_event(self.launch_payload("size-check"))  # too big: fail before invoking
         self._rotation_task = asyncio.ensure_future(self._rotation_loop())
+
+    def dial_targets(self) -> dict[str, str]:
+        """The addresses workers dial: the scheduler's and the relay's."""
+        return reachability.dial_targets(self.worker_scheduler_address, self.relay_address)
+
+    async def _check_reachable(self) -> None:
+        """Before any worker is invoked: can a function dial the scheduler and the relay?"""
+        timeout = max(1.0, min(10.0, self.worker_start_timeout / 3))
+        await asyncio.get_running_loop().run_in_executor(
+            self._invoke_pool, reachability.check, self.backend, self.function_name,
+            self.dial_targets(), timeout)
 
     async def _close(self):
         if self._rotation_task is not None:
@@ -508,12 +526,19 @@ class ServerlessCluster(LithopsCluster):
             self._retiring.pop(name, None)
 
     def _warn_waiting(self, now: float) -> None:
-        """Say so when invocations do not turn into workers (throttled by a concurrency limit)."""
+        """Say so when invocations do not turn into workers (unreachable, or throttled)."""
         waiting = [n for n, w in self.workers.items() if isinstance(w, LambdaWorker)
                    and w.invoked_at and n not in self._addresses
                    and self.usage_tracker.records.get(n)
                    and self.usage_tracker.records[n].registered is None
                    and now - w.invoked_at > self.worker_start_timeout]
+        if waiting and not self._unreachable_warned and not any(
+                r.registered for r in self.usage_tracker.records.values()):
+            # the check at start passed, yet nothing ever joined: the path may have closed since
+            self._unreachable_warned = True
+            logger.warning("no worker registered within worker_start_timeout (%.0fs) of its "
+                           "invocation: %s", self.worker_start_timeout,
+                           reachability.explain(self.backend, self.dial_targets()))
         if waiting and len(waiting) != self.throttle_warnings:
             self.throttle_warnings = len(waiting)
             logger.warning(

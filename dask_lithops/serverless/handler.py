@@ -3,6 +3,9 @@
 Events (JSON):
 
 * ``{"dask_lithops": "metadata"}`` -> this runtime's key (versions), no worker.
+  With ``"dial": ["host:port", ...]`` (and ``"dial_timeout": s``) it also says
+  whether the function can open a TCP connection to each address: ``"dial":
+  {"host:port": null | "<why not>"}`` (the cluster's reachability check).
 * ``{"dask_lithops": "worker", "payload": <base64 msgpack LaunchPayload>,
   "not_after": <epoch s>}`` -> runs one worker (no nanny) until the cluster
   stops it, its lifetime ends or the scheduler is lost; returns the exit report
@@ -59,13 +62,42 @@ def _setup_logging() -> None:
         logging.getLogger("distributed.utils_perf").setLevel(logging.ERROR)
 
 
-def metadata() -> dict:
+def metadata(event: dict | None = None) -> dict:
     from dask_lithops.payload import runtime_key
 
-    return {"runtime_key": runtime_key(), "machine": platform.machine(),
-            "memory_mb": os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE"),
-            "runtime": os.environ.get("DASK_LITHOPS_RUNTIME"),
-            "python": sys.version.split()[0]}
+    out = {"runtime_key": runtime_key(), "machine": platform.machine(),
+           "memory_mb": os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE"),
+           "runtime": os.environ.get("DASK_LITHOPS_RUNTIME"),
+           "python": sys.version.split()[0]}
+    targets = (event or {}).get("dial")
+    if targets:
+        timeout = float((event or {}).get("dial_timeout") or 5.0)
+        out["dial"] = asyncio.run(_dial_all([str(t) for t in targets], timeout))
+    return out
+
+
+async def _dial_all(targets: list[str], timeout: float) -> dict[str, str | None]:
+    results = await asyncio.gather(*(_dial(t, timeout) for t in targets))
+    return dict(zip(targets, results))
+
+
+async def _dial(target: str, timeout: float) -> str | None:
+    """None when a TCP connection to ``host:port`` opens within ``timeout``, else why not."""
+    from distributed.comm.addressing import parse_host_port
+
+    try:
+        host, port = parse_host_port(target.split("://")[-1])
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except asyncio.TimeoutError:
+        return f"no answer within {timeout:g}s"
+    except ConnectionRefusedError:
+        return "connection refused"
+    except OSError as e:
+        return (e.strerror or str(e)).lower()
+    except ValueError as e:
+        return f"invalid address: {e}"
+    writer.close()
+    return None
 
 
 def handler(event, context):
@@ -73,7 +105,7 @@ def handler(event, context):
         return {"error": "not a dask-lithops event"}
     kind = event["dask_lithops"]
     if kind == "metadata":
-        return metadata()
+        return metadata(event)
     if kind != "worker":
         return {"error": f"unknown dask-lithops event {kind!r}"}
     _setup_logging()

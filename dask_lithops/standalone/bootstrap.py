@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import shlex
 
-from .providers.ssh import SSHConnection, SSHError
 from .remote_runtime import HostRuntime, python_command
+from .ssh_transport import SSHConnection
 
 LAUNCH = r"""
 import json, os, subprocess, sys, time
@@ -107,10 +107,6 @@ for d in a.get("remove", []):
         pass
 print(json.dumps({"remaining": sorted(p for ps in sessions().values() for p in ps)}))
 """
-
-
-class RemoteProcessError(SSHError):
-    """A remote process failed to start or could not be stopped."""
 
 
 def ensure_private_dirs(conn: SSHConnection, *dirs: str) -> None:

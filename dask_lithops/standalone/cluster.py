@@ -15,229 +15,24 @@ and verifies on each host that none remains.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import weakref
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from distributed.core import Status
-from distributed.deploy.spec import ProcessInterface
 
 from dask_lithops import config, progress
-from dask_lithops.cluster import LithopsCluster, WorkerLauncher, WorkerLaunchError, inherited_config
-from dask_lithops.payload import encode, security_to_dict
+from dask_lithops.cluster import LithopsCluster
 
-from .bootstrap import ensure_private_dirs, read_log, start_processes, stop_processes
+from .hosts import HostSetup, PreparedHost
+from .launchers import RemoteScheduler, WorkerGroup
 from .providers.base import BACKENDS, HostSpec, provider_class
-from .providers.ssh import (
-    SSHConnection,
-    SSHError,
-    combine_errors,
-    connect,
-    connect_defaults,
-    quote,
-    run_in_ssh_thread,
-)
-from .remote_runtime import HostRuntime, RuntimeSpec, client_runtime, prepare_host
+from .ssh_transport import run_in_ssh_thread
 
 logger = logging.getLogger(__name__)
 
-SCHEDULER_PLACEMENTS = ("auto", "local", "remote")
 SCHEDULER_HOST = -1  # host index of a provider's own scheduler host (aws_ec2: the master VM)
-
-
-@dataclass
-class HostState:
-    index: int
-    spec: HostSpec
-    conn: SSHConnection
-    runtime: HostRuntime
-    processes: int
-
-
-def _processes(value, cores: int) -> int:
-    if value is None or str(value).upper() == "AUTO":
-        return max(1, cores)
-    return int(value)
-
-
-class SSHWorkerGroup(WorkerLauncher):
-    """One host's worker group: ``processes`` entry-point processes, detached."""
-
-    def __init__(self, scheduler: str, name: str, cluster: weakref.ref, host: int = 0,
-                 **options: Any):
-        super().__init__(scheduler, name, cluster, **options)
-        self.host_index = host
-        self.pids: list[int] = []
-        self.proc_names: list[str] = []
-        self.log_paths: dict[str, str] = {}
-        self.marker = ""
-        self._state: HostState | None = None
-
-    async def start(self) -> None:
-        await self.launch(None)
-        await ProcessInterface.start(self)
-
-    async def launch(self, payload) -> None:
-        cluster = self.cluster
-        h = self._state = cluster._host_states[self.host_index]
-        rd = h.runtime.remote_dir
-        run_dir, log_dir = f"{rd}/run/{cluster.cluster_id}", f"{rd}/logs/{cluster.cluster_id}"
-        self.marker = f"{run_dir}/{self.name}-"
-        self.proc_names = [f"{self.name}-{i}" for i in range(h.processes)]
-        scheduler_address = cluster._scheduler_address_for(h)
-        payloads = {}
-        for n in self.proc_names:
-            p = cluster.launch_payload(n)
-            p.scheduler_address = scheduler_address
-            payloads[n] = encode(p)
-        procs = []
-        for n in self.proc_names:
-            self.log_paths[n] = f"{log_dir}/{n}.log"
-            procs.append({"name": n, "log": self.log_paths[n],
-                          "argv": [h.runtime.python, "-m", "dask_lithops.worker",
-                                   "--payload-file", f"{run_dir}/{n}.payload"]})
-
-        def go():
-            ensure_private_dirs(h.conn, run_dir, log_dir)
-            for n, data in payloads.items():
-                h.conn.put(data, f"{run_dir}/{n}.payload", mode=0o600)
-            return start_processes(h.conn, h.runtime, procs, cwd=rd,
-                                   timeout=cluster.worker_start_timeout)
-
-        result = await run_in_ssh_thread(go)
-        self.pids = result["pids"]
-        if result["errors"]:
-            await self.stop()
-            detail = "; ".join(f"{n}: {e.get('type')}: {e.get('message', '')[-1500:]}"
-                               for n, e in result["errors"].items())
-            raise WorkerLaunchError(f"{h.conn}: worker group {self.name} failed to start: "
-                                    f"{detail}")
-        ready = list(result["ready"].values())
-        self.address = ready[0]["address"] if ready else None
-        logger.info("%s: started %d workers (pids %s)", h.conn, len(self.pids), self.pids)
-
-    async def stop(self) -> None:
-        h = self._state
-        if h is None or not self.pids:
-            return
-        pids, self.pids = self.pids, []
-        grace = self.cluster_ref().stop_grace if self.cluster_ref() else 10.0
-        try:
-            remaining = await run_in_ssh_thread(self._stop_on_host, h, pids, grace)
-        except (SSHError, OSError, EOFError) as e:
-            logger.warning("%s: could not stop worker group %s (pids %s): host unreachable: "
-                           "%s", h.conn, self.name, pids, e)
-            return
-        if remaining:
-            raise WorkerLaunchError(f"{h.conn}: processes {remaining} of worker group "
-                                    f"{self.name} survived SIGKILL")
-
-    def _stop_on_host(self, h: HostState, pids: list[int], grace: float) -> list[int]:
-        conn = h.conn
-        if not conn.is_active():
-            cluster = self.cluster_ref()
-            conn = h.conn = cluster._reconnect(h) if cluster else conn
-        return stop_processes(conn, h.runtime, pids, self.marker, grace=grace)
-
-    def fetch_logs(self) -> dict[str, str]:
-        h = self._state
-        if h is None:
-            return {}
-        return {n: read_log(h.conn, p) for n, p in self.log_paths.items()}
-
-
-class RemoteScheduler(ProcessInterface):
-    """A scheduler on the first host; the client reaches it through an SSH tunnel."""
-
-    def __init__(self, cluster: weakref.ref, host: int = 0, **options: Any):
-        super().__init__()
-        self.cluster_ref = cluster
-        self.host_index = host  # SCHEDULER_HOST: the provider's host for the scheduler
-        self.options = options
-        self.channel = None
-        self.pid: int | None = None
-        self.worker_address: str | None = None
-        self.tunnels = []
-        self.dashboard_port: int | None = None
-        self.log_path: str | None = None
-
-    async def start(self) -> None:
-        cluster = self.cluster_ref()
-        h = cluster._host_state(self.host_index)
-        rd = h.runtime.remote_dir
-        run_dir = f"{rd}/run/{cluster.cluster_id}"
-        log_dir = f"{rd}/logs/{cluster.cluster_id}"
-        self.log_path = f"{log_dir}/scheduler.log"
-        listen = h.runtime.server_address or h.spec.host
-        payload = {"host": listen, "port": self.options.get("port") or 0,
-                   "protocol": self.options.get("protocol"),
-                   "security": _scheduler_security(self.options.get("security")),
-                   "dashboard_address": "127.0.0.1:0" if self.options.get("dashboard") else None,
-                   "config": inherited_config()}
-        pfile = f"{run_dir}/scheduler.payload"
-        cmd = (f"cd {quote(rd)} && PYTHONPATH={quote(h.runtime.env['PYTHONPATH'])} exec "
-               f"{quote(h.runtime.python)} -m dask_lithops.standalone.remote_scheduler "
-               f"--payload-file {quote(pfile)} 2>>{quote(self.log_path)}")
-        timeout = cluster.worker_start_timeout
-
-        def go():
-            ensure_private_dirs(h.conn, run_dir, log_dir)
-            h.conn.put(msgpack_packb(payload), pfile, mode=0o600)
-            chan = h.conn.exec_channel(cmd)
-            buf = b""
-            chan.settimeout(timeout)
-            while b"\n" not in buf or not any(
-                    line.startswith(b"DASK_LITHOPS_SCHEDULER ") for line in buf.splitlines()):
-                data = chan.recv(4096)
-                if not data:
-                    log = read_log(h.conn, self.log_path, 20000)
-                    chan.close()
-                    raise WorkerLaunchError(f"{h.conn}: remote scheduler failed to start:\n"
-                                            f"{log[-3000:]}")
-                buf += data
-            line = next(x for x in buf.splitlines() if x.startswith(b"DASK_LITHOPS_SCHEDULER "))
-            info = json.loads(line.split(b" ", 1)[1])
-            chan.settimeout(None)
-            return chan, info
-
-        self.channel, info = await run_in_ssh_thread(go)
-        self.pid = info["pid"]
-        self.worker_address = info["address"]
-        protocol, rest = info["address"].split("://")
-        rhost, rport = rest.rsplit(":", 1)
-        t = h.conn.forward_local(rhost, int(rport))
-        self.tunnels.append(t)
-        self.address = f"{protocol}://127.0.0.1:{t.local_port}"
-        if info.get("dashboard_port"):
-            d = h.conn.forward_local("127.0.0.1", info["dashboard_port"])
-            self.tunnels.append(d)
-            self.dashboard_port = d.local_port
-        await super().start()
-
-    async def close(self) -> None:
-        cluster = self.cluster_ref()
-        h = cluster._host_state(self.host_index) if cluster else None
-
-        def go():
-            if self.channel is not None:
-                self.channel.close()  # stdin EOF: the scheduler shuts down
-            for t in self.tunnels:
-                t.close()
-            if h is not None and self.pid:
-                remaining = stop_processes(h.conn, h.runtime, [self.pid],
-                                           "dask_lithops.standalone.remote_scheduler",
-                                           grace=10)
-                if remaining:
-                    raise WorkerLaunchError(f"{h.conn}: scheduler processes {remaining} survived")
-
-        try:
-            await run_in_ssh_thread(go)
-        except (SSHError, OSError, EOFError) as e:
-            logger.warning("remote scheduler: could not verify its stop: %s", e)
-        await super().close()
 
 
 def _import_dashboard() -> None:
@@ -245,31 +40,6 @@ def _import_dashboard() -> None:
         import distributed.dashboard.scheduler  # noqa: F401
     except ImportError:
         pass
-
-
-def _scheduler_security(security) -> dict | None:
-    out = security_to_dict(security)
-    if out is None:
-        return None
-    for role in ("scheduler", "worker"):  # a scheduler serves with its own cert, else the worker's
-        cert, key = getattr(security, f"tls_{role}_cert", None), getattr(security, f"tls_{role}_key", None)
-        if cert:
-            out["tls_scheduler_cert"], out["tls_scheduler_key"] = _pem(cert), _pem(key)
-            break
-    return out
-
-
-def _pem(value):
-    if value and not value.lstrip().startswith("-----BEGIN"):
-        with open(value) as f:
-            return f.read()
-    return value
-
-
-def msgpack_packb(data) -> bytes:
-    import msgpack
-
-    return msgpack.packb(data, use_bin_type=True)
 
 
 class StandaloneCluster(LithopsCluster):
@@ -323,7 +93,7 @@ class StandaloneCluster(LithopsCluster):
     """
 
     mode: ClassVar[str] = "standalone"
-    launcher = SSHWorkerGroup
+    launcher = WorkerGroup
     name_prefix = "ssh"
     default_tls = True
     default_scheduler_host = None
@@ -361,9 +131,6 @@ class StandaloneCluster(LithopsCluster):
                                      f"{backend!r}; allowed backends for them: "
                                      f"{', '.join(n for n in BACKENDS if others & set(provider_class(n).keywords))}")  # noqa: E501
         opts = config.section("ssh", **given)
-        if opts["scheduler"] not in SCHEDULER_PLACEMENTS:
-            raise config.ConfigError(f"lithops.ssh.scheduler = {opts['scheduler']!r} is invalid; "
-                                     f"allowed: {', '.join(SCHEDULER_PLACEMENTS)}")
         provider = provider_cls.from_keywords(opts, **backend_kw)  # validates; no I/O
         section = "ssh"
         if provider.worker_processes is not None:
@@ -382,18 +149,18 @@ class StandaloneCluster(LithopsCluster):
         self.scheduler_placement = opts["scheduler"]
         self.stop_grace = float(opts["stop_grace"])
         self._initial_hosts = provider.initial if n_hosts is None else n_hosts
-        self._host_states: dict[int, HostState] = {}
+        self._host_states: dict[int, PreparedHost] = {}
         self._next_index = 0
         self._target_hosts: int | None = None  # what scale() asked for, while hosts are acquired
         self._acquiring = 0                     # hosts being acquired for scale()
         self._grows: set[asyncio.Task] = set()
         self._used: set[int] = set()            # hosts given workers (released when they lose them)
-        self._scheduler_host: HostState | None = None  # a remote scheduler's own host, if any
+        self._scheduler_host: PreparedHost | None = None  # a remote scheduler's own host, if any
         self.progress = progress.for_cluster(kwargs.get("quiet"), kwargs.get("silence_logs")
                                              or config.get("cluster.silence_logs"))
-        self._runtime_spec: RuntimeSpec = client_runtime(
-            [*(opts["extra_python_packages"] or ()), *(extra_packages or ())],
-            config.get("runtime.package_sync", package_sync), self.progress)
+        self._setup = HostSetup.from_options(opts, package_sync=package_sync,
+                                             extra_packages=extra_packages, progress=self.progress)
+        self._runtime_spec = self._setup.runtime_spec
         kwargs.setdefault("n_workers", 0)
         super().__init__(threads_per_worker=opts["threads_per_worker"] or 1,
                          memory_limit=opts["memory_limit"], nanny=opts["nanny"], **kwargs)
@@ -409,53 +176,14 @@ class StandaloneCluster(LithopsCluster):
         return list(getattr(self.provider, "vms", []))
 
     # ------------------------------------------------------------------ start
-    def _connect_kwargs(self, spec: HostSpec) -> dict:
-        return spec.connect_kwargs(connect_defaults(self.ssh_options))
-
-    def _prepare(self, index: int, spec: HostSpec, reach_port: int | None) -> HostState:
-        conn = connect(spec, **self._connect_kwargs(spec))
-        try:
-            o = self.ssh_options
-            rt = prepare_host(conn, self._runtime_spec, remote_dir=o["remote_dir"],
-                              remote_python=o["remote_python"],
-                              install_runtime=bool(o["install_runtime"]), reach_port=reach_port,
-                              progress=self.progress)
-        except BaseException:
-            conn.close()
-            raise
-        return HostState(index, spec, conn, rt, _processes(o["worker_processes"], rt.cpu_count))
-
-    def _reconnect(self, h: HostState) -> SSHConnection:
-        return connect(h.spec, **{**self._connect_kwargs(h.spec), "connect_timeout": 5.0})
-
     async def _prepare_specs(self, specs: list[HostSpec],
-                             reach_port: int | None = None) -> list[HostState]:
+                             reach_port: int | None = None) -> list[PreparedHost]:
         """Connect to and prepare hosts in parallel; raise naming every host that failed."""
         first, self._next_index = self._next_index, self._next_index + len(specs)
-        with self.progress.phase(f"preparing {len(specs)} hosts", total=len(specs),
-                                 unit="hosts") as phase:
-            def prepare(index, spec):
-                state = self._prepare(index, spec, reach_port)
-                phase.advance()
-                return state
-
-            results = await asyncio.gather(
-                *(run_in_ssh_thread(prepare, first + k, s) for k, s in enumerate(specs)),
-                return_exceptions=True)
-            states = [r for r in results if isinstance(r, HostState)]
-            installed = sum(h.runtime.installed for h in states)
-            in_venv = sum(f"/runtimes/{self._runtime_spec.key}/" in h.runtime.python
-                          for h in states)
-            phase.detail = f"runtime {self._runtime_spec.key}, " + (
-                f"venv installed by {installed} hosts" if installed else
-                "venv reused" if in_venv else "hosts' Python used as it is")
-        errors = {str(s): r for s, r in zip(specs, results) if isinstance(r, BaseException)}
-        if errors:
-            for r in results:
-                if isinstance(r, HostState):
-                    r.conn.close()
-            raise combine_errors(errors)
-        return results
+        hosts = await self._setup.prepare_many(specs, first, reach_port)
+        for h in hosts:
+            h.scheduler_address_of = self._scheduler_address_for
+        return hosts
 
     async def _prepare_hosts(self) -> None:
         self.provider.cluster_id = self.cluster_id
@@ -488,9 +216,9 @@ class StandaloneCluster(LithopsCluster):
                 for r in results:
                     if isinstance(r, list):
                         for h in r:
-                            h.conn.close()
+                            h.close()
                 if self._scheduler_host is not None:
-                    self._scheduler_host.conn.close()
+                    self._scheduler_host.close()
                     self._scheduler_host = None
                 raise errors[0]
             states = results[0]
@@ -527,11 +255,12 @@ class StandaloneCluster(LithopsCluster):
         self.scheduler_placement = placement
         options = self.scheduler_spec["options"]
         if placement == "remote":
-            where = SCHEDULER_HOST if self._scheduler_host is not None else 0
+            host = self._scheduler_host or self._host_states[0]
             self.scheduler_spec = {"cls": RemoteScheduler, "options": {
-                "cluster": weakref.ref(self), "host": where, "port": options.get("port"),
+                "host": host, "run_id": self.cluster_id, "port": options.get("port"),
                 "protocol": options.get("protocol"), "security": self._security,
-                "dashboard": options.get("dashboard")}}
+                "dashboard": bool(options.get("dashboard")),
+                "start_timeout": self.worker_start_timeout}}
         elif not options.get("host"):
             seen = {h.runtime.client_address for h in self._host_states.values()}
             options["host"] = seen.pop() if len(seen) == 1 and None not in seen else "0.0.0.0"
@@ -544,8 +273,8 @@ class StandaloneCluster(LithopsCluster):
         """Get and prepare the provider's own host for the scheduler, if it has one."""
         spec = await self.provider.acquire_scheduler_host()
         if spec is not None:
-            self._scheduler_host = await run_in_ssh_thread(
-                self._prepare, SCHEDULER_HOST, spec, None)
+            self._scheduler_host = await run_in_ssh_thread(self._setup.prepare, spec,
+                                                           SCHEDULER_HOST)
 
     async def _prepare_scheduler_host(self) -> None:
         try:
@@ -554,19 +283,18 @@ class StandaloneCluster(LithopsCluster):
             await self.provider.close()  # nothing acquired outlives a failed start
             raise
 
-    def _host_state(self, i: int) -> HostState | None:
-        return self._scheduler_host if i == SCHEDULER_HOST else self._host_states.get(i)
-
     def _host_key(self, i: int) -> str:
         return f"{self.name_prefix}-{i}"
 
     def _host_spec(self, i: int) -> dict:
         h = self._host_states[i]
-        return {"cls": SSHWorkerGroup,
-                "options": {"cluster": weakref.ref(self), "host": i},
+        return {"cls": WorkerGroup,
+                "options": {"cluster": weakref.ref(self), "host": h, "run_id": self.cluster_id,
+                            "start_timeout": self.worker_start_timeout,
+                            "stop_grace": self.stop_grace},
                 "group": [f"-{k}" for k in range(h.processes)]}
 
-    def _scheduler_address_for(self, h: HostState) -> str:
+    def _scheduler_address_for(self, h: PreparedHost) -> str:
         if isinstance(self.scheduler, RemoteScheduler):
             return self.scheduler.worker_address
         if self.contact_host:
@@ -687,8 +415,8 @@ class StandaloneCluster(LithopsCluster):
         if gone:
             await self._release_states([self._host_states.pop(i) for i in gone])
 
-    async def _release_states(self, states: list[HostState]) -> None:
-        await asyncio.gather(*(run_in_ssh_thread(h.conn.close) for h in states),
+    async def _release_states(self, states: list[PreparedHost]) -> None:
+        await asyncio.gather(*(run_in_ssh_thread(h.close) for h in states),
                              return_exceptions=True)
         try:
             await self.provider.release([h.spec for h in states])
@@ -708,7 +436,7 @@ class StandaloneCluster(LithopsCluster):
 
     async def _get_logs(self, cluster=True, scheduler=True, workers=True):
         logs = await super()._get_logs(cluster=cluster, scheduler=scheduler, workers=workers)
-        groups = [w for w in self.workers.values() if isinstance(w, SSHWorkerGroup)]
+        groups = [w for w in self.workers.values() if isinstance(w, WorkerGroup)]
         if workers and groups:
             results = await asyncio.gather(*(run_in_ssh_thread(g.fetch_logs) for g in groups),
                                            return_exceptions=True)
@@ -717,15 +445,13 @@ class StandaloneCluster(LithopsCluster):
                     for name, text in r.items():
                         logs[f"{name} (host log)"] = text
         if scheduler and isinstance(self.scheduler, RemoteScheduler):
-            h = self._host_state(self.scheduler.host_index)
-            logs["scheduler (host log)"] = await run_in_ssh_thread(
-                read_log, h.conn, self.scheduler.log_path)
+            logs["scheduler (host log)"] = await run_in_ssh_thread(self.scheduler.read_log)
         return logs
 
     def remote_processes(self) -> dict[str, list[int]]:
         """PIDs this cluster started and still tracks, by worker group."""
         return {name: list(w.pids) for name, w in self.workers.items()
-                if isinstance(w, SSHWorkerGroup)}
+                if isinstance(w, WorkerGroup)}
 
     async def _close(self):
         try:
@@ -736,7 +462,7 @@ class StandaloneCluster(LithopsCluster):
                 states.append(self._scheduler_host)
                 self._scheduler_host = None
             try:
-                await asyncio.gather(*(run_in_ssh_thread(h.conn.close) for h in states),
+                await asyncio.gather(*(run_in_ssh_thread(h.close) for h in states),
                                      *self._grows, return_exceptions=True)  # grows release
             finally:
                 await self.provider.close()

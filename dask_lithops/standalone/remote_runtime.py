@@ -34,7 +34,7 @@ from dask_lithops.payload import RUNTIME_PACKAGES
 from dask_lithops.progress import SILENT, Progress, format_bytes
 from dask_lithops.runtime import code, contents, wheels
 
-from .providers.ssh import SSHConnection, SSHError, quote
+from .ssh_transport import SSHConnection, SSHError, quote
 
 # Must equal the client's exactly: a mismatch breaks pickled tasks and messages.
 MATCH_PACKAGES = RUNTIME_PACKAGES

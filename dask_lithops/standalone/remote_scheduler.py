@@ -2,11 +2,13 @@
 
     python -m dask_lithops.standalone.remote_scheduler --payload-file F
 
-The payload (msgpack: host, port, security PEMs, dashboard address, dask
-config) arrives in a 0600 file, deleted once read.  It prints
-``DASK_LITHOPS_SCHEDULER {json}`` (address, dashboard port, pid) on stdout and
-runs until stdin reaches EOF -- i.e. until the SSH session that started it ends,
-whether the client closed it or died -- or SIGTERM.
+The payload (:class:`~dask_lithops.payload.SchedulerPayload`: host, port,
+security PEMs, dashboard address, dask config, relay) arrives in a 0600 file,
+deleted once read.  With ``relay`` set, a ``relay://`` relay runs in the same
+process.  It prints ``DASK_LITHOPS_SCHEDULER {json}`` (address, dashboard port,
+relay address, pid) on stdout and runs until stdin reaches EOF -- i.e. until
+the SSH session that started it ends, whether the client closed it or died --
+or SIGTERM.  The client side is :class:`~dask_lithops.standalone.launchers.RemoteScheduler`.
 """
 
 from __future__ import annotations
@@ -19,31 +21,38 @@ import signal
 import sys
 import threading
 
-import msgpack
+from dask_lithops.payload import SchedulerPayload
 
 MARK = "DASK_LITHOPS_SCHEDULER"
 
 
-async def run(payload: dict) -> None:
+async def run(payload: SchedulerPayload) -> None:
     import dask.config
     from distributed import Scheduler
 
     from dask_lithops.payload import security_from_dict
 
-    with dask.config.set(payload.get("config") or {}):
-        dashboard = payload.get("dashboard_address")
+    with dask.config.set(payload.config or {}):
+        dashboard = payload.dashboard_address
+        security = security_from_dict(payload.security)
         scheduler = Scheduler(
-            host=payload["host"], port=payload.get("port") or 0,
-            protocol=payload.get("protocol"),
-            security=security_from_dict(payload.get("security")),
-            dashboard=dashboard is not None, dashboard_address=dashboard,
-            idle_timeout=payload.get("idle_timeout"))
+            host=payload.host, port=payload.port or 0, protocol=payload.protocol,
+            security=security, dashboard=dashboard is not None, dashboard_address=dashboard,
+            idle_timeout=payload.idle_timeout)
         await scheduler
+        relay = None
+        if payload.relay is not None:
+            from dask_lithops.relay import RelayServer
+
+            relay = RelayServer(host=payload.relay["host"], port=payload.relay.get("port") or 0,
+                                token=security.extra_conn_args["relay_token"])
+            await relay.start()
         port = scheduler.services.get("dashboard").port if "dashboard" in scheduler.services \
             else None
-        sys.stdout.write(f"{MARK} " + json.dumps({"address": scheduler.address,
-                                                  "dashboard_port": port,
-                                                  "pid": os.getpid()}) + "\n")
+        sys.stdout.write(f"{MARK} " + json.dumps({
+            "address": scheduler.address, "dashboard_port": port,
+            "relay_address": relay.address if relay is not None else None,
+            "pid": os.getpid()}) + "\n")
         sys.stdout.flush()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -64,6 +73,8 @@ async def run(payload: dict) -> None:
         if not finished.done():
             await scheduler.close(reason="dask-lithops: client session ended")
         stopper.cancel()
+        if relay is not None:
+            await relay.close()
 
 
 def main(argv=None) -> int:
@@ -71,7 +82,7 @@ def main(argv=None) -> int:
     parser.add_argument("--payload-file", required=True)
     args = parser.parse_args(argv)
     with open(args.payload_file, "rb") as f:
-        payload = msgpack.unpackb(f.read(), raw=False)
+        payload = SchedulerPayload.decode(f.read())
     os.unlink(args.payload_file)  # it holds the TLS key
     asyncio.run(run(payload))
     return 0

@@ -31,9 +31,18 @@ table inet dask_lithops_sandbox {
         type filter hook input priority 0; policy drop;
         iif "lo" accept
         ct state established,related accept
-    }
+%s    }
 }
 """
+
+
+def inbound_drop_rules(gateway: str | None = None, ports: tuple = ()) -> str:
+    """Drop new inbound connections, except from ``gateway`` to TCP ``ports``."""
+    extra = ""
+    if ports:
+        extra = (f"        ip saddr {gateway} tcp dport {{ {', '.join(map(str, ports))} }} "
+                 f"accept\n")
+    return INBOUND_DROP_RULES % extra
 
 _LOCK_FILE = "/tmp/dask-lithops-netns.lock"
 
@@ -156,17 +165,20 @@ class NetnsHost:
     """One namespace host on a :class:`Bridge`.
 
     ``inbound=False`` makes it accept no new inbound connection (outbound
-    only).  ``run``/``popen`` execute commands inside; ``kill_all`` kills every
-    process in the namespace by PID; ``delete`` removes the namespace.
+    only) except, when ``inbound_ports`` are given, from the bridge's gateway (the
+    host) to those TCP ports -- how a front end on the host reaches a server inside.
+    ``run``/``popen`` execute commands inside; ``kill_all`` kills every process in
+    the namespace by PID; ``delete`` removes the namespace.
     """
 
     def __init__(self, bridge: Bridge, address: str | None = None, inbound: bool = True,
-                 name: str | None = None):
+                 name: str | None = None, inbound_ports: tuple = ()):
         self.bridge = bridge
         self.id = uuid.uuid4().hex[:6]
         self.name = name or f"dlns{self.id}"
         self.address = address
         self.inbound = inbound
+        self.inbound_ports = tuple(inbound_ports)
         self.created = False
         self._veth_host = f"dlv{self.id}h"
         self._veth_ns = f"dlv{self.id}n"
@@ -190,7 +202,8 @@ class NetnsHost:
                 if not nft_available():
                     raise RuntimeError("nft (nftables) is needed for an outbound-only namespace")
                 subprocess.run(["ip", "netns", "exec", self.name, "nft", "-f", "-"],
-                               input=INBOUND_DROP_RULES, text=True, check=True,
+                               input=inbound_drop_rules(self.bridge.gateway,
+                                                        self.inbound_ports), text=True, check=True,
                                capture_output=True)
         except Exception:
             self.delete()

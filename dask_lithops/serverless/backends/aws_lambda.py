@@ -56,6 +56,8 @@ class AWSLambdaBackend(FaaSBackend):
     # us-east-1 public prices
     PRICES = {"x86_64": 0.0000166667, "arm64": 0.0000133334}
     price_per_request = 0.20 / 1_000_000
+    network_hint = ("the functions' VPC settings (lithops.aws_lambda.vpc: subnets and security "
+                    "groups with a route to the scheduler's host)")
 
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)

@@ -64,6 +64,9 @@ class FaaSBackend:
     max_timeout: ClassVar[int] = 900
     price_per_gb_second: ClassVar[float] = 0.0
     price_per_request: ClassVar[float] = 0.0
+    # what in this platform's settings connects functions to a private network (the
+    # reachability check's advice), e.g. Lambda's VPC subnets and security groups
+    network_hint: ClassVar[str] = ""
 
     def __init__(self, config: dict[str, Any]):
         self.config = config

@@ -803,7 +803,7 @@ chmod 700 "$R/var/lib/cloud/scripts/per-boot/dask-lithops-keeper.sh"
             os.replace(tmp, self.known_hosts)
 
     def _connect_vm(self, vm: VM, timeout: float):
-        from .ssh import connect, connect_defaults
+        from ..ssh_transport import connect, connect_defaults
 
         spec = self.host_spec(vm)
         kw = spec.connect_kwargs(connect_defaults(self.ssh))
@@ -815,7 +815,7 @@ chmod 700 "$R/var/lib/cloud/scripts/per-boot/dask-lithops-keeper.sh"
 
     def _wait_ssh(self, vms: list[VM], timeout: float) -> tuple[list[VM], list[VM]]:
         """Wait (in parallel) until each VM accepts our key; write its first heartbeat."""
-        from .ssh import SSHError
+        from ..ssh_transport import SSHError
 
         if not vms:
             return [], []

@@ -14,70 +14,12 @@ Its own vocabulary (EC2's create/start/stop/terminate/list) stays inside it.
 
 from __future__ import annotations
 
-import getpass
-from dataclasses import dataclass
 from typing import ClassVar
 
 from dask_lithops import config
+from dask_lithops.standalone.ssh_transport import HostSpec
 
-
-@dataclass(frozen=True)
-class HostSpec:
-    """A host to SSH to, with what a provider knows about reaching it.
-
-    ``key_filename``, ``known_hosts`` and ``trust_unknown_hosts`` override the
-    cluster's ``lithops.ssh.*`` values when set (EC2: the generated key, the
-    pinned host keys).  ``id`` is the provider's name for the host (EC2: the
-    instance id).
-    """
-
-    host: str
-    user: str
-    port: int = 22
-    key_filename: str | None = None
-    known_hosts: str | None = None
-    trust_unknown_hosts: bool | None = None
-    id: str | None = None
-
-    @classmethod
-    def parse(cls, entry: str | HostSpec | dict, user: str | None = None,
-              port: int = 22) -> HostSpec:
-        """``host``, ``user@host``, ``user@host:port``, ``[v6addr]:port`` or a dict."""
-        if isinstance(entry, HostSpec):
-            return entry
-        if isinstance(entry, dict):
-            return cls(entry["host"], entry.get("user") or user or getpass.getuser(),
-                       int(entry.get("port", port)))
-        if not isinstance(entry, str) or not entry.strip():
-            raise ValueError(f"SSH host entry {entry!r}: expected 'user@host:port', 'host' or a dict")
-        rest = entry.strip()
-        if "@" in rest:
-            user, rest = rest.rsplit("@", 1)
-        if rest.startswith("["):
-            host, _, tail = rest[1:].partition("]")
-            if tail.startswith(":"):
-                port = tail[1:]
-        elif rest.count(":") == 1:
-            host, port = rest.split(":")
-        else:
-            host = rest
-        try:
-            port = int(port)
-        except ValueError:
-            raise ValueError(f"SSH host entry {entry!r}: port {port!r} is not a number") from None
-        return cls(host, user or getpass.getuser(), port)
-
-    def connect_kwargs(self, defaults: dict) -> dict:
-        """``defaults`` (keywords of :func:`~.ssh.connect`) with this host's overrides."""
-        out = dict(defaults)
-        for key in ("key_filename", "known_hosts", "trust_unknown_hosts"):
-            if getattr(self, key) is not None:
-                out[key] = getattr(self, key)
-        return out
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.user}@{host}:{self.port}"
+__all__ = ["HostProvider", "HostSpec", "BACKENDS", "provider_class"]
 
 
 class HostProvider:

@@ -7,7 +7,7 @@
 See docs/lambda-emulator.md.
 """
 
-from .environments import sandbox_unavailable
+from ..sandbox import sandbox_unavailable
 from .managed_runtime import ensure_runtime
 from .server import (
     ACCOUNT_ID,

@@ -1,359 +1,305 @@
-"""Execution environments: the process, its sandbox and its memory limit.
+"""Execution environments' lifecycle: spawn, Runtime API socket, output, exit, retirement.
 
-Everything here is blocking (subprocess calls, cgroupfs writes) and runs in the
-emulator's thread pool, never on its event loop.
+A mixin of :class:`~.server.LambdaEmulator`.  The process itself -- its namespace,
+memory cgroup and teardown -- is the shared machinery of :mod:`dask_lithops.testing.sandbox`.
 """
 
 from __future__ import annotations
 
-import errno
+import asyncio
+import json
 import logging
 import os
 import shutil
-import signal
-import subprocess
-import threading
+import socket
+import sys
 import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..netns import Bridge, NetnsHost, netns_available, nft_available
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
 
-logger = logging.getLogger(__name__)
+from .. import sandbox
+from .model import INIT_TIMEOUT, Environment, Function, Invocation, log_ts
+from .runtime_api import runtime_application
 
-CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
+logger = logging.getLogger("dask_lithops.lambda_emulator")
 
 
-# --------------------------------------------------------------------- memory
+class EnvironmentManager:
+    """Start, feed, watch and retire the environments that run invocations."""
 
+    def _spawn_task(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-class CgroupV1Memory:
-    """A parent memory cgroup (v1) owned by one emulator; one child per environment."""
+    def _spawn(self, fn: Function, inv: Invocation) -> Environment:
+        env = Environment(fn, fn.spec())
+        fn.envs.append(env)
+        self._envs[env.id] = env
+        self._bind(env, inv)
+        env.pending = inv
+        env.http = HTTPServer(runtime_application(env, self), max_body_size=80 * 1024 * 1024)
+        socks = bind_sockets(0, self.host_address, family=socket.AF_INET)
+        env.port = socks[0].getsockname()[1]
+        env.http.add_sockets(socks)
+        env.init_timer = self._loop.call_later(INIT_TIMEOUT + env.spec.timeout,
+                                               self._on_init_timeout, env)
+        self._spawn_task(self._start_env(env))
+        return env
 
-    def __init__(self, parent: Path):
-        self.parent = parent
+    def _env_vars(self, env: Environment, tmpdir: Path) -> dict:
+        s = env.spec
+        fn = env.function
+        pyver = f"python{s.runtime[len('python'):]}"
+        site = (self._python.parent.parent / "lib" /
+                f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages")
+        v = {
+            "PATH": f"{self._python.parent}:/usr/local/bin:/usr/bin/:/bin:{s.opt_dir}/bin",
+            "LD_LIBRARY_PATH": f"{s.opt_dir}/lib",
+            "LANG": "en_US.UTF-8",
+            "TZ": ":UTC",
+            "PYTHONPATH": os.pathsep.join([
+                str(s.task_root), f"{s.opt_dir}/python/lib/{pyver}/site-packages",
+                f"{s.opt_dir}/python"]),
+            "PYTHONNOUSERSITE": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "TMPDIR": str(tmpdir),
+            "LAMBDA_TASK_ROOT": str(s.task_root),
+            "LAMBDA_RUNTIME_DIR": str(site),
+            "_HANDLER": s.handler,
+            "AWS_EXECUTION_ENV": f"AWS_Lambda_{s.runtime}",
+            "AWS_LAMBDA_FUNCTION_NAME": fn.name,
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(s.memory),
+            "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+            "AWS_LAMBDA_INITIALIZATION_TYPE": "on-demand",
+            "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{fn.name}",
+            "AWS_LAMBDA_LOG_STREAM_NAME": env.stream,
+            "AWS_LAMBDA_RUNTIME_API": f"{self.host_address}:{env.port}",
+            "AWS_REGION": self.region,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_ACCESS_KEY_ID": "ASIAEMULATOREXAMPLE00",
+            "AWS_SECRET_ACCESS_KEY": "emulator-secret-access-key",
+            "AWS_SESSION_TOKEN": "emulator-session-token",
+            "AWS_ENDPOINT_URL_LAMBDA": self.sandbox_endpoint_url,
+        }
+        v.update(s.variables)
+        return v
 
-    @classmethod
-    def detect(cls, tag: str) -> CgroupV1Memory | None:
-        """Make ``<somewhere writable>/dask-lithops-<tag>`` or return None."""
-        if not (CGROUP_V1_MEMORY / "memory.limit_in_bytes").exists():
-            return None
-        candidates = []
+    def _start_blocking(self, env: Environment) -> sandbox.ProcessHandle:
+        tmpdir = self.workdir / "envs" / env.id / "tmp"
+        tmpdir.mkdir(parents=True)
         try:
-            for line in Path("/proc/self/cgroup").read_text().splitlines():
-                _, controllers, path = line.split(":", 2)
-                if "memory" in controllers.split(","):
-                    candidates.append(CGROUP_V1_MEMORY / path.lstrip("/"))
-        except OSError:
-            pass
-        candidates.append(CGROUP_V1_MEMORY)
-        for base in candidates:
-            parent = base / f"dask-lithops-{tag}"
-            try:
-                parent.mkdir()
-            except OSError:
-                continue
-            if (parent / "memory.limit_in_bytes").exists():
-                return cls(parent)
-            _rmdir(parent)
-        return None
-
-    def create(self, name: str, limit_bytes: int) -> Path:
-        d = self.parent / name
-        d.mkdir()
-        (d / "memory.limit_in_bytes").write_text(str(limit_bytes))
-        memsw = d / "memory.memsw.limit_in_bytes"
-        if memsw.exists():
-            try:  # no swapping past the limit either (like Lambda, which has no swap)
-                memsw.write_text(str(limit_bytes))
-            except OSError:
-                pass
-        try:
-            (d / "memory.swappiness").write_text("0")
-        except OSError:
-            pass
-        return d
-
-    @staticmethod
-    def pids(d: Path) -> list[int]:
-        try:
-            return [int(p) for p in (d / "cgroup.procs").read_text().split()]
-        except OSError:
-            return []
-
-    @staticmethod
-    def oom_killed(d: Path) -> bool:
-        try:
-            for line in (d / "memory.oom_control").read_text().splitlines():
-                k, _, v = line.partition(" ")
-                if k == "oom_kill" and int(v) > 0:
-                    return True
-            return False
-        except (OSError, ValueError):
-            return False
-
-    @staticmethod
-    def hit_limit(d: Path) -> bool:
-        """The cgroup's usage reached its limit at least once (memory.failcnt)."""
-        try:
-            return int((d / "memory.failcnt").read_text()) > 0
-        except (OSError, ValueError):
-            return False
-
-    @staticmethod
-    def max_usage(d: Path) -> int | None:
-        try:
-            return int((d / "memory.max_usage_in_bytes").read_text())
-        except (OSError, ValueError):
-            return None
-
-    def remove(self, d: Path) -> None:
-        _kill_until_empty(lambda: self.pids(d))
-        _rmdir(d)
-
-    def close(self) -> None:
-        if self.parent.exists():
-            for child in self.parent.iterdir():
-                if child.is_dir():
-                    self.remove(child)
-            _rmdir(self.parent)
-
-
-def _rmdir(d: Path, wait: float = 5.0) -> None:
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            d.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            if e.errno != errno.EBUSY or time.monotonic() > deadline:
-                logger.warning("could not remove cgroup %s: %s", d, e)
-                return
-            time.sleep(0.02)
-
-
-def _kill_until_empty(pids_fn, wait: float = 5.0) -> None:
-    deadline = time.monotonic() + wait
-    while True:
-        pids = pids_fn()
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if time.monotonic() > deadline:
-            return
-        time.sleep(0.02)
-
-
-# ------------------------------------------------------------------ sandboxes
-
-
-def sandbox_unavailable() -> str | None:
-    """Why environments cannot be network sandboxes here (None when they can)."""
-    reason = netns_available()
-    if reason:
-        return reason
-    if not nft_available():
-        return "nft (nftables) is not installed"
-    return None
-
-
-class SandboxPool:
-    """Outbound-only namespaces on one bridge, a few made ahead of need."""
-
-    def __init__(self, bridge: Bridge, prewarm: int = 2):
-        self.bridge = bridge
-        self.prewarm = prewarm
-        self._ready: list[NetnsHost] = []
-        self._lock = threading.Lock()
-        self._live: dict[str, NetnsHost] = {}
-        self._closed = False
-        self._refilling = False
-
-    def _make(self) -> NetnsHost:
-        with self._lock:
-            address = self.bridge.next_address()
-        ns = NetnsHost(self.bridge, address=address, inbound=False,
-                       name=f"dlns{uuid.uuid4().hex[:8]}")
-        with self._lock:
-            self._live[ns.name] = ns
-        try:
-            ns.create()
+            h = self._sandboxes.start(
+                [str(self._python), "-s", "-m", "awslambdaric", env.spec.handler],
+                env=self._env_vars(env, tmpdir), cwd=str(env.spec.task_root),
+                memory_mb=env.spec.memory, name=f"env-{env.id}", tmpdir=tmpdir.parent)
         except Exception:
-            with self._lock:
-                self._live.pop(ns.name, None)
-                self.bridge.release_address(address)
+            shutil.rmtree(tmpdir.parent, ignore_errors=True)
             raise
-        return ns
+        self._executor.submit(self._sandboxes.refill)
+        return h
 
-    def acquire(self) -> NetnsHost:
-        with self._lock:
-            ns = self._ready.pop() if self._ready else None
-        return ns if ns is not None else self._make()
-
-    def refill(self) -> None:
-        with self._lock:
-            if self._refilling or self._closed:
-                return
-            self._refilling = True
+    async def _start_env(self, env: Environment) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            while True:
-                with self._lock:
-                    if self._closed or len(self._ready) >= self.prewarm:
-                        return
-                ns = self._make()
-                with self._lock:
-                    if self._closed:
-                        break
-                    self._ready.append(ns)
-                    ns = None
-            if ns is not None:
-                self.destroy(ns)
-        finally:
-            with self._lock:
-                self._refilling = False
-
-    def destroy(self, ns: NetnsHost) -> None:
-        ns.delete()
-        with self._lock:
-            self._live.pop(ns.name, None)
-
-    def names(self) -> list[str]:
-        with self._lock:
-            return list(self._live)
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            live = list(self._live.values())
-            self._ready.clear()
-        for ns in live:
-            self.destroy(ns)
-
-
-# ---------------------------------------------------------------- environment
-
-
-@dataclass
-class ProcessHandle:
-    """What starting one environment made; everything needed to tear it down."""
-
-    proc: subprocess.Popen
-    pid: int
-    stdout_fd: int
-    netns: NetnsHost | None = None
-    cgroup: Path | None = None
-    tmpdir: Path | None = None
-    memory_mode: str = "none"
-    extra: dict = field(default_factory=dict)
-
-
-def start_process(*, python: str, handler: str, env: dict, task_root: str,
-                  memory_mb: int, netns: NetnsHost | None, cgroups: CgroupV1Memory | None,
-                  name: str, tmpdir: Path) -> ProcessHandle:
-    """Start ``python -m awslambdaric <handler>`` confined as Lambda would confine it."""
-    limit = memory_mb * 1024 * 1024
-    cgroup = None
-    if cgroups is not None:
-        cgroup = cgroups.create(name, limit)
-        # join the cgroup before exec so the interpreter is limited from its first byte
-        script = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
-        prefix = ["/bin/sh", "-c", script, str(cgroup)]
-        memory_mode = "cgroup-v1"
-    else:
-        # RLIMIT_AS counts address space, not RSS: a bare interpreter maps ~100 MB more
-        # than it touches, so the limit is the function's memory plus that headroom
-        kb = (limit + 256 * 1024 * 1024) // 1024
-        script = 'ulimit -v "$0" && exec "$@"'
-        prefix = ["/bin/sh", "-c", script, str(kb)]
-        memory_mode = "rlimit-as"
-    # the wrapper runs on the host side: ``ip netns exec`` remounts /sys, hiding cgroupfs
-    inner = [python, "-s", "-m", "awslambdaric", handler]
-    args = prefix + (netns.command(inner) if netns is not None else inner)
-    try:
-        proc = subprocess.Popen(
-            args, env=env, cwd=task_root, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-            close_fds=True)
-    except Exception:
-        if cgroup is not None:
-            cgroups.remove(cgroup)
-        raise
-    fd = proc.stdout.fileno()
-    os.set_blocking(fd, False)
-    return ProcessHandle(proc=proc, pid=proc.pid, stdout_fd=fd, netns=netns, cgroup=cgroup,
-                         tmpdir=tmpdir, memory_mode=memory_mode)
-
-
-def kill_process(h: ProcessHandle) -> None:
-    """SIGKILL the environment's process and everything it started (by PID)."""
-    # Only while the leader is unreaped is its PID (and process group) still ours; after
-    # that the number may belong to a new process, so children are found by cgroup/netns.
-    if h.proc.returncode is None:
+            h = await loop.run_in_executor(self._executor, self._start_blocking, env)
+        except Exception as e:
+            logger.exception("starting an environment of %s failed", env.function.name)
+            inv = env.inv
+            if inv is not None:
+                self._complete(inv, json.dumps({
+                    "errorType": "Runtime.Unknown",
+                    "errorMessage": f"the emulator could not start an environment: {e}"
+                }).encode(), "Unhandled", "failed")
+            env.state = "dead"
+            self._forget(env)
+            return
+        env.handle = h
+        stream_path = self.log_dir / env.function.name / (env.stream.replace("/", "-") + ".log")
         try:
-            os.killpg(h.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+            stream_path.parent.mkdir(parents=True, exist_ok=True)
+            env.log_file = open(stream_path, "a", buffering=65536)
+        except OSError:
+            env.log_file = None
+        if env.state == "dead":  # retired while starting (stop, timeout, delete)
+            self._exit_cleanup(env)
+            return
+        loop.add_reader(h.stdout_fd, self._on_output, env)
+        env.pidfd = os.pidfd_open(h.pid)
+        loop.add_reader(env.pidfd, self._on_exit, env)
+
+    def _on_output(self, env: Environment) -> None:
+        h = env.handle
         try:
-            os.kill(h.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    if h.cgroup is not None:
-        for pid in CgroupV1Memory.pids(h.cgroup):
+            data = os.read(h.stdout_fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._loop.remove_reader(h.stdout_fd)
+            if env.out_buf:
+                self._line(env, env.out_buf)
+                env.out_buf = b""
+            return
+        self._feed(env, data)
+
+    def _feed(self, env: Environment, data: bytes) -> None:
+        buf = env.out_buf + data
+        *lines, env.out_buf = buf.split(b"\n")
+        for line in lines:
+            self._line(env, line)
+
+    def _drain(self, env: Environment) -> None:
+        """Read what the environment wrote before it called the Runtime API."""
+        h = env.handle
+        if h is None:
+            return
+        while True:
             try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+                data = os.read(h.stdout_fd, 65536)
+            except (BlockingIOError, OSError, ValueError):
+                return
+            if not data:
+                return
+            self._feed(env, data)
+
+    def _line(self, env: Environment, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        inv = env.inv
+        if inv is not None and inv.started is not None and not inv.done:
+            self._log(env, inv, text)
+        else:
+            env.init_lines.append(text)
+            if len(env.init_lines) > 1000:
+                del env.init_lines[:500]
+            self._write_stream(env, text)
+
+    def _log(self, env: Environment, inv: Invocation, text: str) -> None:
+        inv.log.append(text)
+        self._write_stream(env, text)
+
+    def _write_stream(self, env: Environment, text: str) -> None:
+        if env.log_file is not None:
+            try:
+                env.log_file.write(f"{log_ts()} {text}\n")
+            except (OSError, ValueError):
                 pass
 
+    def _on_exit(self, env: Environment) -> None:
+        h = env.handle
+        self._loop.remove_reader(env.pidfd)
+        os.close(env.pidfd)
+        env.pidfd = None
+        rc = h.proc.poll()
+        if rc is None:
+            try:
+                rc = h.proc.wait(timeout=1)
+            except Exception:
+                rc = -9
+        self._drain(env)
+        env.exited = True
+        inv = env.inv
+        if inv is not None and not inv.done:
+            # oom_kill is not always counted in the environment's own cgroup (the
+            # kill can come from the hierarchy's OOM path); SIGKILL at the limit is OOM too
+            oom = h.cgroup is not None and (
+                sandbox.CgroupV1Memory.oom_killed(h.cgroup)
+                or (rc == -9 and sandbox.CgroupV1Memory.hit_limit(h.cgroup)))
+            desc = sandbox.exit_description(rc)
+            if env.init_error is not None:
+                payload = env.init_error
+            else:
+                etype = "Runtime.OutOfMemory" if oom else "Runtime.ExitError"
+                payload = json.dumps({
+                    "errorType": etype,
+                    "errorMessage": f"RequestId: {inv.request_id} Error: Runtime exited with "
+                                    f"error: {desc}"}).encode()
+                if inv.started is None:
+                    inv.log.extend(env.init_lines)
+                    env.init_lines = []
+                    inv.started = time.monotonic()
+                    inv.cold = True
+                self._log(env, inv, f"RequestId: {inv.request_id} Error: Runtime exited with "
+                                    f"error: {desc}")
+                self._log(env, inv, etype)
+            self.stats["crashes"] += 1
+            self._complete(inv, payload, "Unhandled", "failed")
+        env.state = "dead"
+        self._exit_cleanup(env)
+        self._schedule_pump()
 
-def teardown(h: ProcessHandle, cgroups: CgroupV1Memory | None, pool: SandboxPool | None) -> None:
-    """Kill, reap and remove everything one environment made (blocking)."""
-    kill_process(h)
-    try:
-        h.proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        logger.warning("environment process %d did not die", h.pid)
-    if h.netns is not None and pool is not None:
-        pool.destroy(h.netns)  # kills whatever is left in the namespace by PID
-    if h.cgroup is not None and cgroups is not None:
-        cgroups.remove(h.cgroup)
-    try:
-        h.proc.stdout.close()
-    except OSError:
-        pass
-    if h.tmpdir is not None:
-        shutil.rmtree(h.tmpdir, ignore_errors=True)
-
-
-def vm_hwm_bytes(pid: int) -> int | None:
-    """Peak resident memory of a live process (what REPORT calls Max Memory Used)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-EXIT_SIGNAL_NAMES = {
-    signal.SIGKILL: "killed", signal.SIGTERM: "terminated", signal.SIGSEGV: "segmentation fault",
-    signal.SIGABRT: "aborted", signal.SIGBUS: "bus error", signal.SIGINT: "interrupt",
-}
-
-
-def exit_description(returncode: int) -> str:
-    """Describe an exit the way Lambda's runtime does ("signal: killed", "exit status 1")."""
-    if returncode < 0:
+    def _retire(self, env: Environment, teardown_now: bool = False) -> None:
+        """Stop using an environment: kill it (its exit handler then cleans up)."""
+        if env.state == "dead" and not teardown_now:
+            return
+        env.state = "dead"
+        if env.init_timer is not None:
+            env.init_timer.cancel()
+            env.init_timer = None
+        if env.waiter is not None and not env.waiter.done():
+            env.waiter.cancel()
         try:
-            sig = signal.Signals(-returncode)
-            return "signal: " + EXIT_SIGNAL_NAMES.get(sig, sig.name.lower())
+            env.function.idle.remove(env)
         except ValueError:
-            return f"signal: {-returncode}"
-    return f"exit status {returncode}"
+            pass
+        h = env.handle
+        if h is None:
+            if env.exited or env.id not in self._envs:
+                return
+            return  # still starting: _start_env tears it down when the process is up
+        if teardown_now or env.exited:
+            self._exit_cleanup(env)
+        else:
+            sandbox.kill_process(h)  # SIGKILL by PID; _on_exit follows
+
+    def _exit_cleanup(self, env: Environment) -> None:
+        if env.id not in self._envs:
+            return
+        h = env.handle
+        if env.pidfd is not None:
+            self._loop.remove_reader(env.pidfd)
+            os.close(env.pidfd)
+            env.pidfd = None
+        if h is not None:
+            try:
+                self._loop.remove_reader(h.stdout_fd)
+            except Exception:
+                pass
+        self._unbind(env)
+        self._forget(env)
+        if env.log_file is not None:
+            env.log_file.close()
+            env.log_file = None
+        if h is not None:
+            f = self._executor.submit(self._sandboxes.teardown, h)
+            self._teardowns.add(f)
+            f.add_done_callback(self._teardowns.discard)
+
+    def _forget(self, env: Environment) -> None:
+        self._unbind(env)
+        self._envs.pop(env.id, None)
+        try:
+            env.function.envs.remove(env)
+        except ValueError:
+            pass
+        try:
+            env.function.idle.remove(env)
+        except ValueError:
+            pass
+        if env.http is not None:
+            env.http.stop()
+            env.http = None
+
+    def _retire_stale(self, fn: Function) -> None:
+        for env in list(fn.idle):
+            if env.spec.revision != fn.revision:
+                self._retire(env)
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for env in list(self._envs.values()):
+            if env.state == "idle" and now - env.idle_since > self.idle_timeout:
+                self._retire(env)
