@@ -4,7 +4,13 @@ A mode is a :class:`LithopsCluster` subclass that names its config section and
 its :class:`WorkerLauncher` (one spec entry = one launch of the worker entry
 point, :mod:`dask_lithops.worker`).  The base owns what every mode shares:
 option resolution, the launch payload, TLS and the relay, graceful scale-down
-by worker name, and logs.
+by worker name, logs, and lost workers: a worker that ends unexpectedly (crash,
+out of memory, signal, a module its tasks need is missing) is detected (the
+scheduler's worker stream, or its launcher's :meth:`WorkerLauncher.report_end`),
+its reason recorded in :attr:`LithopsCluster.worker_failures` and logged once,
+and it is replaced under a new name, up to ``lithops.cluster.crash_loop_limit``
+failures in a row; past that, computations waiting for workers fail with
+:class:`~dask_lithops.failures.WorkerFailureError` (see :mod:`dask_lithops.failures`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 import uuid
 import weakref
 from typing import ClassVar
@@ -25,9 +32,18 @@ from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface, SpecCluster
 from distributed.scheduler import Scheduler
 from distributed.security import Security
-from distributed.utils import import_term
 
 from dask_lithops import config, progress
+from dask_lithops.failures import (
+    FAIL_WAITING_OP,
+    PLANNED,
+    PLUGIN_NAME,
+    REPORTS_OP,
+    FailureMonitor,
+    WorkerFailure,
+    WorkerFailureError,
+    describe,
+)
 from dask_lithops.payload import LaunchPayload, security_to_dict
 
 logger = logging.getLogger(__name__)
@@ -46,6 +62,14 @@ UNSET = _Unset()  # keyword not given (None can mean "off", e.g. dashboard_addre
 
 class WorkerLaunchError(RuntimeError):
     """A worker could not be started; the message says where and why."""
+
+
+class ClusterClosedError(RuntimeError):
+    """The cluster was closed: it cannot be scaled, entered or asked for logs."""
+
+
+__all__ = ["LithopsCluster", "WorkerLauncher", "WorkerLaunchError", "ClusterClosedError",
+           "WorkerFailure", "WorkerFailureError"]
 
 
 class WorkerLauncher(ProcessInterface):
@@ -89,6 +113,18 @@ class WorkerLauncher(ProcessInterface):
 
     def logs(self) -> str | None:
         return None
+
+    def report_end(self, report: dict | None = None) -> None:
+        """Tell the cluster this launch's worker(s) ended on their own (not by stop()).
+
+        ``report`` says why as far as the launcher knows, e.g. ``{"kind": "exit",
+        "exitcode": 1}``, ``{"kind": "signal", "signal": 9}``, ``{"kind":
+        "out-of-memory", "limit": 2 ** 30}``, ``{"kind": "timeout"}``; the cluster
+        merges it with what the worker itself reported to the scheduler.
+        """
+        cluster = self.cluster_ref()
+        if cluster is not None and self.status != Status.closed:
+            cluster.worker_ended(self.name, report)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}: status={self.status.name}>"
@@ -187,6 +223,7 @@ class LithopsCluster(SpecCluster):
         shutdown_on_close: bool = True,
         worker_start_timeout: str | float | None = None,
         quiet: bool | None = None,
+        crash_loop_limit: int | None = None,
     ):
         dashboard_disabled = dashboard_address is None  # an explicit None turns it off
         if dashboard_address is UNSET or dashboard_disabled:
@@ -197,6 +234,7 @@ class LithopsCluster(SpecCluster):
             scheduler_host=scheduler_host, scheduler_port=scheduler_port,
             contact_address=contact_address, tls=tls, name=name,
             silence_logs=silence_logs, worker_start_timeout=worker_start_timeout, quiet=quiet,
+            crash_loop_limit=crash_loop_limit,
         )
         if getattr(self, "progress", None) is None:  # a mode may make it earlier (for_cluster)
             self.progress = progress.for_cluster(opts["quiet"], opts["silence_logs"])
@@ -220,6 +258,18 @@ class LithopsCluster(SpecCluster):
         self.worker_options = dict(worker_options or {})
         self.cluster_id = uuid.uuid4().hex[:10]
         self._local_code = None  # LocalCodeSync once started
+        self.crash_loop_limit = int(opts["crash_loop_limit"])
+        self.worker_failures: list[WorkerFailure] = []  # every unexpected end, with its reason
+        self._failures_in_a_row = 0
+        self._progress_mark = 0  # tasks finished (scheduler count) at the last failure
+        self._logged_causes: set = set()
+        self._gave_up: str | None = None
+        self._ended: dict[str, dict] = {}  # spec name -> its launcher's end report
+        self._down_checks: dict[str, asyncio.Task] = {}
+        self._left_again: dict[str, str] = {}  # left again while its last end was checked
+        self._reports_seen: dict[str, int] = {}  # worker name -> last report seq handled
+        self._background: set[asyncio.Future] = set()
+        self._names_used: set[str] = set()
 
         use_tls = opts["tls"] if opts["tls"] is not None else self.default_tls
         if isinstance(security, Security):
@@ -273,6 +323,11 @@ class LithopsCluster(SpecCluster):
 
     async def _start(self):
         await super()._start()
+        from distributed.protocol.pickle import dumps
+
+        # over RPC, not scheduler.add_plugin: the scheduler may run elsewhere
+        await self.scheduler_comm.register_scheduler_plugin(
+            plugin=dumps(FailureMonitor()), name=PLUGIN_NAME, idempotent=True)
         if self.relay_enabled and self._relay_server is None:
             from dask_lithops.relay import RelayServer
 
@@ -313,46 +368,28 @@ class LithopsCluster(SpecCluster):
         pc.start()
 
     async def _close(self):
-        await super()._close()
+        for task in list(self._down_checks.values()):
+            task.cancel()
+        try:
+            await super()._close()
+        finally:
+            if self._background:  # launchers of dead workers being closed
+                await asyncio.wait(list(self._background), timeout=30)
         if self._relay_server is not None:
             await self._relay_server.close()
             self._relay_server = None
 
     async def _correct_state_internal(self) -> None:
-        # SpecCluster's version retires with `workers=<names>`, but the
-        # scheduler's `workers=` takes addresses, so nothing was retired
-        # gracefully and data on removed workers was lost.  Retire by name.
-        async with self._lock:
-            self._correct_state_waiting = None
-            to_close = set(self.workers) - set(self.worker_spec)
-            if to_close:
-                if self.scheduler.status == Status.running and self.status == Status.running:
-                    names = self._scheduler_names(to_close)
-                    if names:
-                        await self.scheduler_comm.retire_workers(names=names)
-                await asyncio.gather(*(self.workers[w].close() for w in to_close
-                                       if w in self.workers))
-            for name in to_close:
-                self.workers.pop(name, None)
-
-            to_open = set(self.worker_spec) - set(self.workers)
-            workers = []
-            for name in to_open:
-                d = self.worker_spec[name]
-                cls, opts = d["cls"], dict(d.get("options", {}))
-                opts.setdefault("name", name)
-                if isinstance(cls, str):
-                    cls = import_term(cls)
-                worker = cls(self.worker_scheduler_address, **opts)
-                self._created.add(worker)
-                workers.append(worker)
-            if workers:
-                futs = [asyncio.ensure_future(w) for w in workers]
-                await asyncio.wait(futs)
-                self.workers.update(dict(zip(to_open, workers)))
-                for w in workers:
-                    w._cluster = weakref.ref(self)
-                await asyncio.gather(*futs)
+        # SpecCluster retires with `workers=<names>`, but the scheduler's `workers=`
+        # takes addresses, so nothing was retired gracefully (data on removed workers
+        # was lost): retire by name first; SpecCluster then closes and opens launchers.
+        to_close = set(self.workers) - set(self.worker_spec)
+        if to_close and self.scheduler.status == Status.running and \
+                self.status == Status.running:
+            names = self._scheduler_names(to_close)
+            if names:
+                await self.scheduler_comm.retire_workers(names=names)
+        await super()._correct_state_internal()
 
     def _scheduler_names(self, spec_names) -> list[str]:
         """Worker names (as the scheduler knows them) of the given spec entries."""
@@ -371,6 +408,245 @@ class LithopsCluster(SpecCluster):
 
     def _new_worker_name(self, worker_number: int) -> str:
         return f"{self.name_prefix}-{worker_number}"
+
+    def new_worker_spec(self):
+        # Never reuse a name: reports, logs and failures are per name, and an old
+        # worker of that name may still be leaving.
+        while True:
+            name = self._new_worker_name(self._i)
+            self._i += 1
+            if name not in self.worker_spec and name not in self._names_used:
+                return {name: self.new_spec}
+
+    # ------------------------------------------------------------------ use after close
+
+    def _check_open(self, what: str, closing_ok: bool = False) -> None:
+        if self.status == Status.closed or (self.status == Status.closing and not closing_ok):
+            raise ClusterClosedError(f"{type(self).__name__} {self.name!r} is closed: cannot "
+                                     f"{what}; create a new cluster")
+
+    def scale(self, n=0, memory=None, cores=None):
+        self._check_open("scale()", closing_ok=True)  # SpecCluster._close scales to 0
+        if n and n > len(self.worker_spec) and self._gave_up:
+            # the user asks for workers again: a new crash-loop budget
+            self._gave_up, self._failures_in_a_row = None, 0
+        return super().scale(n, memory=memory, cores=cores)
+
+    def __enter__(self):
+        self._check_open("enter a `with` block")
+        return super().__enter__()
+
+    async def __aenter__(self):
+        self._check_open("enter an `async with` block")
+        return await super().__aenter__()
+
+    def get_logs(self, cluster=True, scheduler=True, workers=True):
+        self._check_open("get_logs()")
+        return super().get_logs(cluster=cluster, scheduler=scheduler, workers=workers)
+
+    # ------------------------------------------------------------------ lost workers
+
+    def _update_worker_status(self, op, msg):
+        # the scheduler's worker stream (also when the scheduler runs elsewhere)
+        if op == "remove":
+            name = (self.scheduler_info.get("workers", {}).get(msg) or {}).get("name")
+            super()._update_worker_status(op, msg)
+            if name is not None:
+                self._worker_left(str(name))
+            return
+        if op == "add":
+            for info in msg.get("workers", {}).values():
+                if info.get("name") is not None:
+                    self._names_used.add(str(info["name"]))
+        super()._update_worker_status(op, msg)
+
+    def worker_ended(self, spec_name: str, report: dict | None = None) -> None:
+        """A launcher's worker(s) ended on their own; see :meth:`WorkerLauncher.report_end`."""
+        self._ended[spec_name] = dict(report or {})
+        self._worker_left(spec_name, spec_name)
+
+    def _spec_name_of(self, worker_name: str) -> str | None:
+        if worker_name in self.worker_spec:
+            return worker_name
+        for name, spec in self.worker_spec.items():
+            if any(str(name) + suffix == worker_name for suffix in spec.get("group") or ()):
+                return name
+        return None
+
+    def _members(self, spec_name: str) -> list[str]:
+        group = (self.worker_spec.get(spec_name) or {}).get("group")
+        return [str(spec_name) + s for s in group] if group else [str(spec_name)]
+
+    def _registered_names(self) -> set[str]:
+        return {str(w.get("name")) for w in self.scheduler_info.get("workers", {}).values()}
+
+    def _worker_left(self, worker_name: str, spec_name: str | None = None) -> None:
+        if self.status != Status.running:
+            return
+        spec_name = spec_name or self._spec_name_of(worker_name)
+        if spec_name is None:
+            return
+        if worker_name in self._down_checks:
+            self._left_again[worker_name] = spec_name
+            return
+        task = asyncio.ensure_future(self._check_down(spec_name, worker_name))
+        self._down_checks[worker_name] = task
+        task.add_done_callback(lambda _: self._check_done(worker_name))
+
+    def _check_done(self, worker_name: str) -> None:
+        self._down_checks.pop(worker_name, None)
+        again = self._left_again.pop(worker_name, None)
+        if again is not None:
+            self._worker_left(worker_name, again if again in self.worker_spec else None)
+
+    @property
+    def restart_grace(self) -> float:
+        """How long a worker that left may take to come back (its nanny restarts it)."""
+        return 10.0 if self.nanny else 3.0
+
+    async def _check_down(self, spec_name: str, worker_name: str) -> None:
+        """Worker ``worker_name`` (of spec entry ``spec_name``) left the scheduler, or its
+        launcher ended: record why, then replace it, or give up (crash loop)."""
+        try:
+            deadline = time.monotonic() + self.restart_grace
+            back = False
+            while time.monotonic() < deadline and self.status == Status.running:
+                if spec_name in self._ended or spec_name not in self.worker_spec:
+                    break  # its process is gone, or it was replaced/scaled down meanwhile
+                if worker_name in self._registered_names():
+                    back = True  # its nanny restarted it
+                    break
+                events = (await self._fetch_reports(worker_name, consume=False))[0]
+                if events and (not self.nanny or any(e.get("final") for e in events)):
+                    break  # it said why it ended, and its process has ended
+                await asyncio.sleep(0.25)
+            if self.status != Status.running:
+                return
+            events, completed = await self._fetch_reports(worker_name)
+            ended = self._ended.get(spec_name)
+            if ended is not None:  # the launcher's word completes the worker's last report
+                events = events[:-1] + [{**ended, **(events[-1] if events else {})}]
+            if not events:
+                if back:
+                    return  # left and came back, nothing reported (client.restart())
+                events = [{}]  # left without a word
+            failures = [describe(worker_name, e, mode=self.mode, limits=self.failure_limits())
+                        for e in events if e.get("kind") not in PLANNED]
+            if failures and completed != self._progress_mark:
+                self._progress_mark, self._failures_in_a_row = completed, 0
+            for failure in failures:
+                self._record(failure)
+                self._failures_in_a_row += 1
+            if back or spec_name not in self.worker_spec:
+                return  # restarted by its nanny, or replaced/removed already
+            if ended is None and set(self._members(spec_name)) & self._registered_names():
+                return  # the rest of its group lives on
+            if not failures:
+                logger.info("worker %s ended (%s); starting a new one", worker_name,
+                            events[-1].get("kind"))
+                self._replace(spec_name, quiet=True)
+            elif self._failures_in_a_row >= self.crash_loop_limit or self._gave_up:
+                await self._give_up(spec_name, failures[-1])
+            elif await self._replaceable(spec_name):
+                self._replace(spec_name)
+            else:
+                self.worker_spec.pop(spec_name, None)
+                self._drop_launcher(spec_name)
+                logger.warning("worker %s is gone and cannot be replaced where it ran",
+                               spec_name)
+                self._correct_state()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("handling the end of worker %s failed", worker_name)
+        finally:
+            self._ended.pop(spec_name, None)
+
+    async def _fetch_reports(self, worker_name: str, consume: bool = True
+                             ) -> tuple[list[dict], int]:
+        """New reports about ``worker_name`` (from itself, its nanny, its launcher) that
+        reached the scheduler's FailureMonitor, and the scheduler's finished-task count."""
+        since = self._reports_seen.get(worker_name, 0)
+        try:
+            out = await asyncio.wait_for(
+                getattr(self.scheduler_comm, REPORTS_OP)(names=[worker_name], since=since), 10)
+        except Exception as e:
+            logger.debug("reading worker reports failed: %s", e)
+            return [], self._progress_mark
+        events = list((out.get("reports") or {}).get(worker_name) or ())
+        if events and consume:
+            self._reports_seen[worker_name] = max(e["seq"] for e in events)
+        return events, int(out.get("completed") or 0)
+
+    def failure_limits(self) -> dict:
+        """What a failure's fix may mention for this mode (option names and maxima)."""
+        return {"memory_option": "memory_limit"}
+
+    def _record(self, failure: WorkerFailure) -> None:
+        self.worker_failures.append(failure)
+        if failure.cause in self._logged_causes:
+            logger.info("%s", failure)
+        else:
+            self._logged_causes.add(failure.cause)
+            logger.error("%s", failure)
+
+    async def _replaceable(self, spec_name: str) -> bool:
+        """Whether a lost spec entry can be started again (a mode may say no: its host is gone)."""
+        return True
+
+    def _replace(self, spec_name: str, quiet: bool = False) -> None:
+        """Start a new worker (new name, same spec) instead of ``spec_name``."""
+        spec = self.worker_spec.pop(spec_name)
+        self._drop_launcher(spec_name)
+        new_name = next(iter(self.new_worker_spec()), None) or spec_name
+        self.worker_spec[new_name] = spec
+        (logger.info if quiet else logger.warning)(
+            "worker %s is gone; starting %s instead", spec_name, new_name)
+        fut = asyncio.ensure_future(self._start_replacement(new_name))
+        self._background.add(fut)
+        fut.add_done_callback(self._background.discard)
+
+    async def _start_replacement(self, name: str) -> None:
+        try:
+            await self._correct_state()
+        except Exception as e:
+            if self.status != Status.running or name in self.workers:
+                return
+            # it failed to start: that counts as a failure too, and the spec must not
+            # keep an entry nothing runs for
+            self.worker_spec.pop(name, None)
+            failure = WorkerFailure(name, "error", f"replacement worker {name} failed to "
+                                    f"start: {e}", "see the cluster's log (cluster.get_logs())")
+            self._record(failure)
+            self._failures_in_a_row += 1
+            if self._failures_in_a_row >= self.crash_loop_limit:
+                await self._give_up(name, failure)
+
+    def _drop_launcher(self, spec_name: str) -> None:
+        self._names_used.add(str(spec_name))
+        launcher = self.workers.pop(spec_name, None)
+        if launcher is not None:  # its worker is dead: closing it is quick
+            fut = asyncio.ensure_future(launcher.close())
+            self._background.add(fut)
+            fut.add_done_callback(self._background.discard)
+
+    async def _give_up(self, spec_name: str, failure: WorkerFailure) -> None:
+        self.worker_spec.pop(spec_name, None)
+        self._drop_launcher(spec_name)
+        first = self._gave_up is None
+        loop_msg = (f"{self._failures_in_a_row} workers in a row ended with no task finishing "
+                    f"in between (lithops.cluster.crash_loop_limit = {self.crash_loop_limit})")
+        self._gave_up = (f"{failure} [{loop_msg}: lost workers are not replaced any more; "
+                         "cluster.scale(n) starts new ones]")
+        if first:
+            logger.error("%s: not replacing them; computations waiting for workers fail "
+                         "(reason above)", loop_msg)
+        self._correct_state()
+        try:
+            await asyncio.wait_for(getattr(self.scheduler_comm, FAIL_WAITING_OP)(
+                message=self._gave_up), 10)
+        except Exception as e:
+            logger.warning("could not fail the computations waiting for workers: %s", e)
 
     # ------------------------------------------------------------------ workers
 

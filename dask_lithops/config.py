@@ -22,7 +22,7 @@ SCHEMA_FILE = os.path.join(_HERE, "lithops-schema.yaml")
 NAMESPACE = "lithops"
 
 # Lithops' config sections that map one to one onto ours (same key names).
-LITHOPS_SECTIONS = ("localhost", "aws", "aws_lambda", "aws_ec2", "standalone", "ssh")
+LITHOPS_SECTIONS = ("localhost", "aws", "aws_s3", "aws_lambda", "aws_ec2", "standalone", "ssh")
 MODE_OF_BACKEND = {
     "localhost": "localhost",
     "aws_lambda": "serverless",
@@ -94,6 +94,8 @@ def map_lithops_config(data: Mapping) -> dict:
         ours["mode"] = MODE_OF_BACKEND.get(backend, general.get("mode"))
     elif general.get("mode"):
         ours["mode"] = general["mode"]
+    if general.get("storage"):
+        ours["storage"] = general["storage"]
     if general.get("log_level"):
         ours["log_level"] = str(general["log_level"]).lower()
     known = PACKAGE_DEFAULTS[NAMESPACE]

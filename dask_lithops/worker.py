@@ -11,6 +11,12 @@ machine-readable lines on stdout: ``DASK_LITHOPS_READY {json}`` once the
 worker is up, ``DASK_LITHOPS_ERROR {json}`` when it cannot start.
 
 ``run_worker(payload)`` is the same thing as a function (the FaaS handler calls it).
+
+Why a worker ended reaches the cluster (see :mod:`dask_lithops.failures`): the
+worker process reports an error that stops it from running user code (a module
+missing while a task is deserialized: this module is also the worker's preload),
+the nanny reports how its worker process ended (exit code, signal), and the
+entry point reports its own end (lifetime, stop, scheduler lost).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import sys
 import time
 from typing import Any
 
+from dask_lithops.failures import EXIT_REPORT_OP, classify_exception
 from dask_lithops.payload import (
     LaunchPayload,
     PayloadError,
@@ -65,6 +72,7 @@ def _server_kwargs(payload: LaunchPayload) -> dict[str, Any]:
         local_directory=payload.local_directory,
         resources=payload.resources,
         dashboard=False,
+        preload=[*_configured_preloads(), _PRELOAD],
     )
     if payload.host:
         kwargs["host"] = payload.host
@@ -80,6 +88,112 @@ def _server_kwargs(payload: LaunchPayload) -> dict[str, Any]:
     elif payload.listen_address:
         kwargs["listen_address"] = payload.listen_address
     return {k: v for k, v in kwargs.items() if v is not None}
+
+
+_PRELOAD = "dask_lithops.worker"
+
+
+def _configured_preloads() -> list[str]:
+    import dask.config
+
+    value = dask.config.get("distributed.worker.preload", None) or []
+    return [value] if isinstance(value, str) else list(value)
+
+
+# ---------------------------------------------------------------- the worker's preload
+
+
+class _CannotRunUserCode(logging.Handler):
+    """Catches the errors that make a worker drop its scheduler connection (a task
+    that cannot be deserialized: missing module or shared library) and reports
+    them to the scheduler at once, before the worker goes."""
+
+    def __init__(self, worker):
+        super().__init__(logging.ERROR)
+        self.worker = worker
+        self.sent = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.sent or not record.exc_info or record.exc_info[1] is None:
+            return
+        report = classify_exception(record.exc_info[1])
+        if report is None:
+            return
+        self.sent = True
+        report["name"] = str(self.worker.name)
+        try:
+            self.worker.loop.add_callback(_post_from_worker, self.worker, report)
+        except Exception:  # the loop is closing: nothing to do
+            pass
+
+
+_LOGGERS_OF_DESERIALIZATION = ("distributed.protocol", "distributed.core", "tornado.application")
+
+
+def dask_setup(worker) -> None:
+    """Preload hook, runs in the worker process (also a nanny's forked/spawned child)."""
+    handler = _CannotRunUserCode(worker)
+    worker._dask_lithops_report_handler = handler
+    for name in _LOGGERS_OF_DESERIALIZATION:
+        logging.getLogger(name).addHandler(handler)
+
+
+def dask_teardown(worker) -> None:
+    handler = getattr(worker, "_dask_lithops_report_handler", None)
+    if handler is not None:
+        for name in _LOGGERS_OF_DESERIALIZATION:
+            logging.getLogger(name).removeHandler(handler)
+
+
+async def _post_from_worker(worker, report: dict) -> None:
+    # a connection of its own: the worker's pool may already be closing
+    await post_report(worker.scheduler.address, worker.security, report)
+
+
+async def post_report(address: str, security, report: dict, timeout: float = 5) -> None:
+    """Send an exit report to the scheduler (best effort, bounded)."""
+    from distributed.core import rpc
+
+    try:
+        async with rpc(address, timeout=timeout,
+                       connection_args=security.get_connection_args("worker")) as r:
+            await asyncio.wait_for(getattr(r, EXIT_REPORT_OP)(report=report), timeout)
+    except Exception as e:  # the cluster may be gone
+        logger.info("could not post the exit report: %s", e)
+
+
+def _nanny_class():
+    """A Nanny that tells the scheduler how its worker process ended."""
+    from distributed import Nanny
+    from distributed.core import Status
+
+    class ReportingNanny(Nanny):
+        async def _on_worker_exit(self, exitcode):
+            if self.status not in (Status.init, Status.closing, Status.closed,
+                                   Status.closing_gracefully, Status.failed) and exitcode:
+                report = ({"kind": "signal", "signal": -exitcode} if exitcode < 0 else
+                          {"kind": "exit", "exitcode": exitcode})
+                report.update(name=str(self.name), restarted=True)
+                self._ongoing_background_tasks.call_soon(
+                    post_report, self.scheduler_addr, self.security, report)
+            return await super()._on_worker_exit(exitcode)
+
+    return ReportingNanny
+
+
+def _reset_signals_in_child() -> None:
+    """A forked worker process must not share the nanny's signal handling: asyncio's
+    handler writes the signal to a wakeup socket both processes share, so a SIGTERM
+    sent to the worker (the nanny's memory monitor) stopped the nanny instead."""
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    except (ValueError, OSError):
+        pass
+
+
+_at_fork_registered = False
 
 
 def _dotted(tree: dict, prefix: str = "") -> dict:
@@ -107,7 +221,7 @@ def _start_method(payload: LaunchPayload) -> dict:
     return {"distributed.worker.multiprocessing-method": method}
 
 
-async def _scheduler_watchdog(server, payload: LaunchPayload, security) -> None:
+async def _scheduler_watchdog(server, payload: LaunchPayload, security) -> bool:
     """Close ``server`` once the scheduler has been unreachable for death_timeout.
 
     A worker whose scheduler vanished (client SIGKILLed) must not outlive it:
@@ -132,9 +246,10 @@ async def _scheduler_watchdog(server, payload: LaunchPayload, security) -> None:
                     "Scheduler %s unreachable for %.0fs (death_timeout): closing worker %s",
                     payload.scheduler_address, payload.death_timeout, payload.name)
                 await server.close(reason="scheduler-lost")
-                return
+                return True
         except Exception:  # a TLS or handshake error still means the scheduler is alive
             last_ok = time.monotonic()
+    return False
 
 
 async def run_worker_async(payload: LaunchPayload | dict, on_ready=None) -> dict:
@@ -147,10 +262,10 @@ async def run_worker_async(payload: LaunchPayload | dict, on_ready=None) -> dict
     import dask.config
 
     with dask.config.set(_dotted(payload.config or {})), dask.config.set(_start_method(payload)):
-        from distributed import Nanny, Worker
+        from distributed import Worker
 
         kwargs = _server_kwargs(payload)
-        cls = Nanny if payload.nanny else Worker
+        cls = _nanny_class() if payload.nanny else Worker
         server = cls(payload.scheduler_address, **kwargs)
         await server
         address = server.worker_address if payload.nanny else server.address
@@ -160,6 +275,10 @@ async def run_worker_async(payload: LaunchPayload | dict, on_ready=None) -> dict
                       "pid": os.getpid()})
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+        global _at_fork_registered
+        if not _at_fork_registered and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_reset_signals_in_child)
+            _at_fork_registered = True
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.add_signal_handler(sig, stop.set)
@@ -172,8 +291,12 @@ async def run_worker_async(payload: LaunchPayload | dict, on_ready=None) -> dict
         await asyncio.wait([finished, stopper], return_when=asyncio.FIRST_COMPLETED)
         reason = "finished"
         if stop.is_set() and not finished.done():
-            reason = "signal"
+            reason = "stopped"
             await server.close(reason="dask-lithops-stop")
+        elif watchdog.done() and not watchdog.cancelled() and watchdog.result():
+            reason = "scheduler-lost"
+        elif payload.lifetime and time.monotonic() - start >= payload.lifetime * 0.95:
+            reason = "lifetime"
         watchdog.cancel()
         stopper.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -184,6 +307,7 @@ async def run_worker_async(payload: LaunchPayload | dict, on_ready=None) -> dict
     return {
         "name": payload.name,
         "reason": reason,
+        "kind": reason,
         "duration": time.monotonic() - start,
         "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
@@ -232,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         payload = read_payload(args)
         report = run_worker(payload, on_ready=lambda info: _emit(READY_MARK, info))
+        if report["kind"] != "scheduler-lost":  # "final": this process ends now
+            asyncio.run(post_report(payload.scheduler_address,
+                                    security_from_dict(payload.security),
+                                    {**report, "final": True}))
     except PayloadError as e:
         _emit(ERROR_MARK, {"type": "PayloadError", "message": str(e)})
         return EXIT_BAD_PAYLOAD

@@ -26,6 +26,7 @@ class LocalhostWorker(WorkerLauncher):
     process: asyncio.subprocess.Process | None = None
     log_path: str | None = None
     _stdout_log = None
+    _stopping = False
 
     async def launch(self, payload: LaunchPayload) -> None:
         cluster = self.cluster
@@ -59,6 +60,15 @@ class LocalhostWorker(WorkerLauncher):
                 f"{error.get('message', '')}\n{self._tail()}")
         self.address = info["address"]
         self._drain = asyncio.ensure_future(self._copy_stdout())
+        self._watch = asyncio.ensure_future(self._watch_exit())
+
+    async def _watch_exit(self) -> None:
+        """The process ended without stop(): tell the cluster how (exit code or signal)."""
+        code = await self.process.wait()
+        if self._stopping:
+            return
+        self.report_end({"kind": "signal", "signal": -code} if code < 0 else
+                        {"kind": "exit" if code else "finished", "exitcode": code})
 
     async def _read_marker(self) -> dict | None:
         while True:
@@ -91,6 +101,7 @@ class LocalhostWorker(WorkerLauncher):
         return "\n".join(text.splitlines()[-n:])
 
     async def stop(self) -> None:
+        self._stopping = True
         try:
             await self._stop_process()
             drain = getattr(self, "_drain", None)

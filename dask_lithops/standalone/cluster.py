@@ -403,6 +403,20 @@ class StandaloneCluster(LithopsCluster):
             await self._release_states(surplus)
         await self._correct_state()
 
+    async def _replaceable(self, spec_name: str) -> bool:
+        # a worker group is started again only on a host that still answers
+        launcher = self.workers.get(spec_name)
+        host = getattr(launcher, "host", None)
+        if host is None:
+            return True
+        try:
+            await asyncio.wait_for(run_in_ssh_thread(lambda: host.ensure_connected().run("true")),
+                                   15)
+            return True
+        except Exception as e:
+            logger.warning("%s: host lost (%s): its workers are not replaced there", host, e)
+            return False
+
     async def _correct_state_internal(self) -> None:
         await super()._correct_state_internal()
         if self.status != Status.running:

@@ -123,6 +123,10 @@ class SSHAuthenticationError(SSHError):
     """No offered key (file or agent) was accepted."""
 
 
+class SSHKeyFileError(SSHError):
+    """A given private key file does not exist or cannot be read."""
+
+
 class SSHHostKeyError(SSHError):
     """The host's key is unknown (and trust-on-first-use is off) or does not match."""
 
@@ -340,6 +344,11 @@ def connect(host: str | HostSpec, *, user: str | None = None, port: int = 22,
     client.set_missing_host_key_policy(_make_policy(trust_unknown_hosts, known_hosts))
     keys = [key_filename] if isinstance(key_filename, str) else key_filename
     keys = [os.path.expanduser(k) for k in keys] if keys else None
+    for k in keys or ():
+        if not os.access(k, os.R_OK):
+            client.close()
+            why = "does not exist" if not os.path.exists(k) else "is not readable"
+            raise SSHKeyFileError(name, f"SSH key file {k} {why} (lithops.ssh.ssh_key_filename)")
     try:
         client.connect(spec.host, port=spec.port, username=spec.user, key_filename=keys,
                        allow_agent=allow_agent, look_for_keys=keys is None,

@@ -43,4 +43,5 @@ def ec2_world(monkeypatch):
         yield world
 
 
+from .gcp_functions_emulator.fixtures import gcp_functions_emulator  # noqa: E402,F401
 from .lambda_emulator.fixtures import lambda_emulator  # noqa: E402,F401

@@ -113,6 +113,7 @@ class Bridge:
         self.subnet: ipaddress.IPv4Network | None = None
         self.gateway: str | None = None
         self._allocated: set[str] = set()
+        self._cursor = 0
         self.created = False
 
     def create(self) -> Bridge:
@@ -139,10 +140,14 @@ class Bridge:
         return self
 
     def next_address(self) -> str:
-        for addr in self.subnet.hosts():
-            a = str(addr)
+        # round robin: an address given back is reused as late as possible, since the host's
+        # neighbour cache may still map it to the MAC of the namespace that had it before
+        hosts = [str(a) for a in self.subnet.hosts()]
+        for i in range(len(hosts)):
+            a = hosts[(self._cursor + i) % len(hosts)]
             if a != self.gateway and a not in self._allocated:
                 self._allocated.add(a)
+                self._cursor = (self._cursor + i + 1) % len(hosts)
                 return a
         raise RuntimeError(f"bridge {self.name}: subnet {self.subnet} is full")
 
@@ -249,6 +254,8 @@ class NetnsHost:
         self.kill_all()
         _ip("link", "del", self._veth_host, check=False)
         _ip("netns", "del", self.name, check=False)
+        # forget its MAC, so a namespace that gets the address next is reached at once
+        _ip("neigh", "del", self.address, "dev", self.bridge.name, check=False)
         self.bridge.release_address(self.address)
         self.created = False
 

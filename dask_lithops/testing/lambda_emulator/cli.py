@@ -1,4 +1,4 @@
-"""``dask-lithops emulator ...``: run the Lambda emulator in the foreground."""
+"""``dask-lithops emulator ...``: run the Lambda or Cloud Run functions emulator in the foreground."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ import click
 
 @click.group(name="emulator")
 def emulator():
-    """Offline AWS Lambda emulator (Lambda API + real awslambdaric environments)."""
+    """Offline AWS Lambda (real awslambdaric) and Cloud Run functions (real functions-framework)."""
 
 
 @emulator.command()
+@click.option("--cloud", type=click.Choice(["aws", "gcp"]), default="aws", show_default=True,
+              help="aws: the Lambda emulator; gcp: the Cloud Run functions emulator.")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address the Lambda API listens on.")
+              help="Address the API listens on.")
 @click.option("--port", default=0, show_default=True, type=int,
               help="Port of the Lambda API (0: any free port).")
 @click.option("--sandbox/--no-sandbox", default=None,
@@ -28,17 +30,57 @@ def emulator():
               help="Seconds before an idle warm environment is reaped.")
 @click.option("--log-dir", default=None, type=click.Path(file_okay=False),
               help="Directory for log streams (kept after exit).")
-@click.option("--region", default="us-east-1", show_default=True)
+@click.option("--region", default=None,
+              help="Region (default: us-east-1 for aws, us-central1 for gcp).")
+@click.option("--project", default="test-project", show_default=True,
+              help="gcp: the project the emulator serves.")
 @click.option("-v", "--verbose", is_flag=True, help="Log the emulator's activity.")
-def start(host, port, sandbox, account_concurrency, idle_timeout, log_dir, region, verbose):
+def start(cloud, host, port, sandbox, account_concurrency, idle_timeout, log_dir, region,
+          project, verbose):
     """Start the emulator and serve until SIGINT/SIGTERM, then clean up everything."""
-    from . import LambdaEmulator
-
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set())
                 for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if cloud == "gcp":
+            _serve_gcp(stop, host, port, sandbox, idle_timeout, log_dir,
+                       region or "us-central1", project)
+        else:
+            _serve_aws(stop, host, port, sandbox, account_concurrency, idle_timeout, log_dir,
+                       region or "us-east-1")
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _serve_gcp(stop, host, port, sandbox, idle_timeout, log_dir, region, project):
+    from ..gcp_functions_emulator import CloudFunctionsEmulator
+
+    emu = CloudFunctionsEmulator(project, region, sandbox=sandbox, idle_timeout=idle_timeout,
+                                 host=host, port=port, log_dir=log_dir)
+    try:
+        emu.start()
+        click.echo(f"Cloud Run functions emulator listening at {emu.endpoint_url}")
+        click.echo(f"  project / region: {project} / {region}")
+        click.echo(f"  sandboxed: {emu.sandboxed}"
+                   + ("" if emu.sandboxed else f" ({emu.sandbox_reason})"))
+        click.echo(f"  memory limit: {emu.memory_limit_mode}")
+        click.echo(f"  instance logs: {emu.log_dir}")
+        click.echo(f"  export GOOGLE_APPLICATION_CREDENTIALS={emu.credentials_file}")
+        click.echo(f"  API base: {emu.endpoint_url}/v2/projects/{project}/locations/{region}")
+        click.echo("Press Ctrl+C to stop.", err=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        emu.stop()
+        click.echo("Cloud Run functions emulator stopped.", err=True)
+
+
+def _serve_aws(stop, host, port, sandbox, account_concurrency, idle_timeout, log_dir, region):
+    from . import LambdaEmulator
+
     emu = LambdaEmulator(sandbox=sandbox, account_concurrency=account_concurrency,
                          log_dir=log_dir, idle_timeout=idle_timeout, host=host, port=port,
                          region=region)
@@ -56,8 +98,6 @@ def start(host, port, sandbox, account_concurrency, idle_timeout, log_dir, regio
             pass
     finally:
         emu.stop()
-        for s, h in previous.items():
-            signal.signal(s, h)
         click.echo("Lambda emulator stopped.", err=True)
 
 

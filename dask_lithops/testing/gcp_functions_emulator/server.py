@@ -1,0 +1,585 @@
+"""``CloudFunctionsEmulator``: lifecycle, the v2 API's logic, thread-safe views.
+
+Everything that touches state runs on one asyncio/tornado event loop in a
+background thread; blocking work (builds, namespaces, cgroups, processes) goes
+to a thread pool.  Instances are managed by :class:`~.instances.InstanceManager`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import concurrent.futures
+import copy
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from ..sandbox import Sandboxes
+from .api import api_application
+from .auth import TokenAuthority, write_key_file
+from .build import BuildError, build_environment, extract_source
+from .frontend import function_application
+from .instances import InstanceManager
+from .model import (
+    DEFAULT_MEMORY,
+    DEFAULT_TIMEOUT_S,
+    EMPTY_TYPE,
+    ENTRY_POINT_RE,
+    FUNCTION_ID_RE,
+    FUNCTION_TYPE,
+    MAX_TIMEOUT_S,
+    PYTHON_RUNTIME_RE,
+    UPLOAD_LIMIT,
+    Function,
+    GoogleError,
+    InstanceInfo,
+    Operation,
+    RequestRecord,
+    Upload,
+    invalid,
+    now_rfc3339,
+    parse_memory_mb,
+)
+
+logger = logging.getLogger("dask_lithops.gcp_functions_emulator")
+
+MAX_KEPT_REQUESTS = 20000
+#: fields of a Function a create or patch may set (others are output only)
+SETTABLE = ("description", "buildConfig", "serviceConfig", "labels", "environment")
+
+
+class CloudFunctionsEmulator(InstanceManager):
+    """An offline Cloud Run functions (Cloud Functions v2 API + HTTP front end).
+
+    Parameters
+    ----------
+    project, region:
+        The one project and location the emulator serves.
+    sandbox:
+        Run every instance in an outbound-only network namespace (the front end
+        reaches its port; nothing else can).  ``None`` (default) does so when
+        possible and says once when it cannot; ``True`` requires it.
+    idle_timeout:
+        Seconds an idle instance is kept before it is stopped.
+    host, port:
+        Where the API listens; function URLs listen on ``host`` too.
+    log_dir:
+        Instances' logs (one file per instance); default a temporary directory.
+    build_cache:
+        Where built environments are cached (default ``~/.cache/dask-lithops/
+        gcp-functions-builds``).
+    """
+
+    def __init__(self, project: str = "test-project", region: str = "us-central1", *,
+                 sandbox: bool | None = None, idle_timeout: float = 900.0,
+                 host: str = "127.0.0.1", port: int = 0,
+                 log_dir: str | os.PathLike | None = None,
+                 build_cache: str | os.PathLike | None = None, prewarm: int = 2,
+                 startup_timeout: float = 60.0):
+        self.project, self.region = project, region
+        self.idle_timeout = float(idle_timeout)
+        self.startup_timeout = float(startup_timeout)
+        self.host, self.port_arg = host, int(port)
+        self.log_dir_arg, self.build_cache = log_dir, build_cache
+        self.port = 0
+        self.started = False
+        self.sandboxed = False
+        self.sandbox_reason: str | None = None
+        self.workdir: Path | None = None
+        self.log_dir: Path | None = None
+        self.credentials_file: Path | None = None
+        self.auth = TokenAuthority(project)
+        self.stats = collections.Counter()
+        self._tag = uuid.uuid4().hex[:8]
+        self._sandboxes = Sandboxes(self._tag, sandbox, prewarm, "Cloud Run functions emulator",
+                                    inbound_ports=(8080,))
+        self._upload_key = secrets.token_bytes(32)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._servers: list[HTTPServer] = []
+        self._functions: dict[str, Function] = {}
+        self._operations: collections.OrderedDict[str, Operation] = collections.OrderedDict()
+        self._uploads: dict[tuple[str, str], Upload] = {}
+        self._requests: collections.deque[RequestRecord] = collections.deque(
+            maxlen=MAX_KEPT_REQUESTS)
+        self._tasks: set[asyncio.Task] = set()
+        self._teardowns: set[concurrent.futures.Future] = set()
+        self._reaper = None
+        self._closing = False
+        self._stop_lock = threading.Lock()
+        self._instances: dict[str, object] = {}
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> CloudFunctionsEmulator:
+        if self.started:
+            return self
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"dask-lithops-gcf-emulator-{self._tag}-"))
+        os.chmod(self.workdir, 0o700)
+        if self.log_dir_arg is not None:
+            self.log_dir = Path(self.log_dir_arg)
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self.log_dir = self.workdir / "logs"
+            self.log_dir.mkdir()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=16, thread_name_prefix="gcf-emulator")
+        try:
+            self._sandboxes.open()
+            self.sandboxed = self._sandboxes.sandboxed
+            self.sandbox_reason = self._sandboxes.reason
+            ready = threading.Event()
+            failure: list[BaseException] = []
+            self._thread = threading.Thread(target=self._run_loop, args=(ready, failure),
+                                            name=f"gcf-emulator-{self._tag}", daemon=True)
+            self._thread.start()
+            ready.wait()
+            if failure:
+                raise failure[0]
+            self.auth.token_uri = f"{self.endpoint_url}/token"
+            self.credentials_file = self.workdir / "service-account.json"
+            write_key_file(self.credentials_file, self.auth.service_account_info(
+                self.auth.token_uri))
+            self._executor.submit(self._sandboxes.refill)
+        except BaseException:
+            self._cleanup_host_resources()
+            raise
+        self.started = True
+        atexit.register(self.stop)
+        logger.info("Cloud Run functions emulator at %s (sandboxed=%s)", self.endpoint_url,
+                    self.sandboxed)
+        return self
+
+    def _run_loop(self, ready: threading.Event, failure: list) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        try:
+            socks = bind_sockets(self.port_arg, self.host, family=socket.AF_INET)
+            server = HTTPServer(api_application(self), max_body_size=UPLOAD_LIMIT + 1024 * 1024)
+            server.add_sockets(socks)
+            self._servers.append(server)
+            self.port = socks[0].getsockname()[1]
+        except BaseException as e:
+            failure.append(e)
+            ready.set()
+            loop.close()
+            return
+        from tornado.ioloop import PeriodicCallback
+
+        self._reaper = PeriodicCallback(self._reap, min(1000.0, self.idle_timeout * 250))
+        self._reaper.start()
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    @property
+    def endpoint_url(self) -> str:
+        """The base of the v2 REST API (``{endpoint_url}/v2/projects/...``)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def memory_limit_mode(self) -> str:
+        return self._sandboxes.memory_limit_mode
+
+    @property
+    def parent(self) -> str:
+        return f"projects/{self.project}/locations/{self.region}"
+
+    def stop(self) -> None:
+        """Stop every instance by PID; remove every namespace, cgroup and temp dir."""
+        with self._stop_lock:
+            if not self.started:
+                return
+            self.started = False
+            try:
+                atexit.unregister(self.stop)
+            except Exception:
+                pass
+            if self._loop is not None and self._loop.is_running():
+                fut = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+                try:
+                    fut.result(timeout=60)
+                except Exception:
+                    logger.exception("Cloud Run functions emulator: error while shutting down")
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(timeout=10)
+            self._cleanup_host_resources()
+
+    async def _shutdown(self) -> None:
+        self._closing = True
+        if self._reaper is not None:
+            self._reaper.stop()
+        for server in self._servers:
+            server.stop()
+        for fn in self._functions.values():
+            if fn.server is not None:
+                fn.server.stop()
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        for inst in list(self._instances.values()):
+            self.stop_instance(inst, "the emulator stopped")
+        pending = [asyncio.wrap_future(f) for f in list(self._teardowns)]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def _cleanup_host_resources(self) -> None:
+        for f in list(self._teardowns):
+            try:
+                f.result(timeout=30)
+            except Exception:
+                pass
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        self._sandboxes.close()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> CloudFunctionsEmulator:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --------------------------------------------------- thread-safe views
+
+    def _call(self, fn, *args):
+        if self._loop is None or not self._loop.is_running():
+            return fn(*args)
+        fut = concurrent.futures.Future()
+
+        def run():
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:
+                fut.set_exception(e)
+
+        self._loop.call_soon_threadsafe(run)
+        return fut.result(timeout=30)
+
+    @property
+    def instances(self) -> list[InstanceInfo]:
+        """Live instances (pid, state, requests served, namespace, memory limit)."""
+        return self._call(self._instance_infos)
+
+    def requests(self, function: str | None = None) -> list[RequestRecord]:
+        """Requests the front end handled (status, instance, cold start, duration)."""
+        return self._call(lambda: [r for r in self._requests
+                                   if function is None or r.function == function])
+
+    def function_url(self, function_id: str) -> str:
+        return self._call(lambda: self.function(self.project, self.region, function_id).uri)
+
+    def id_token(self, audience: str) -> str:
+        """An ID token for ``audience`` (what google-auth fetches from the token endpoint)."""
+        return self.auth.id_token(audience)
+
+    def instance_log(self, instance_id: str) -> str:
+        path = self.log_dir and next(self.log_dir.glob(f"*/{instance_id}.log"), None)
+        if path is None:
+            raise KeyError(f"no log of instance {instance_id!r}")
+        return path.read_text(errors="replace")
+
+    def resources(self) -> dict:
+        """What this emulator made on the host (for leak checks)."""
+        def get():
+            return {"pids": [i.handle.pid for i in self._instances.values() if i.handle],
+                    "namespaces": self._sandboxes.names(),
+                    "bridge": self._sandboxes.bridge.name if self._sandboxes.bridge else None,
+                    "cgroup": (str(self._sandboxes.cgroups.parent) if self._sandboxes.cgroups
+                               else None),
+                    "workdir": str(self.workdir) if self.workdir else None}
+        return self._call(get)
+
+    def record(self, r: RequestRecord) -> None:
+        self._requests.append(r)
+        self.stats["requests"] += 1
+
+    # ---------------------------------------------------------------- API
+
+    def check_location(self, project: str, region: str) -> str:
+        if project != self.project:
+            raise GoogleError("PERMISSION_DENIED", f"Permission denied on 'locations/{region}' "
+                                                   f"(or it may not exist) in project "
+                                                   f"{project!r}")
+        if region != self.region:
+            raise GoogleError("NOT_FOUND", f"Location projects/{project}/locations/{region} is "
+                                           f"not found or access is unauthorized.")
+        return self.parent
+
+    def function(self, project: str, region: str, function_id: str) -> Function:
+        fn = self._functions.get(function_id)
+        if fn is None:
+            raise GoogleError("NOT_FOUND", f"Function {function_id} does not exist")
+        return fn
+
+    def operation(self, name: str) -> Operation:
+        op = self._operations.get(name)
+        if op is None:
+            raise GoogleError("NOT_FOUND", f"Operation {name} does not exist")
+        return op
+
+    def generate_upload_url(self) -> dict:
+        bucket = f"gcf-v2-uploads-{self._tag}-{self.region}"
+        obj = f"{uuid.uuid4()}.zip"
+        sig = hmac.new(self._upload_key, f"{bucket}/{obj}".encode(), hashlib.sha256).hexdigest()
+        self._uploads[(bucket, obj)] = Upload(bucket, obj, sig, time.time())
+        url = (f"{self.endpoint_url}/upload/{bucket}/{obj}?X-Goog-Algorithm=GOOG4-RSA-SHA256"
+               f"&X-Goog-Expires=1800&X-Goog-Signature={sig}")
+        return {"uploadUrl": url, "storageSource": {"bucket": bucket, "object": obj}}
+
+    def receive_upload(self, bucket: str, obj: str, signature: str, data: bytes) -> None:
+        up = self._uploads.get((bucket, obj))
+        if up is None or not hmac.compare_digest(up.signature, signature) \
+                or time.time() - up.created > 1800:
+            raise GoogleError("PERMISSION_DENIED", "The request signature we calculated does not "
+                                                   "match the signature you provided, or the "
+                                                   "signed URL expired.")
+        if len(data) > UPLOAD_LIMIT:
+            raise invalid(f"The uploaded source is {len(data)} bytes; the limit is "
+                          f"{UPLOAD_LIMIT} bytes")
+        up.data = data
+
+    def _validate(self, body: dict, fn: Function | None, mask: list[str]) -> dict:
+        """The function's fields after this create/patch, validated (INVALID_ARGUMENT)."""
+        unknown = [k for k in body if k not in SETTABLE and k not in (
+            "name", "state", "updateTime", "createTime", "url", "stateMessages")]
+        if unknown:
+            raise invalid(f"Invalid JSON payload received. Unknown name {unknown[0]!r} at "
+                          f"'function': Cannot find field.")
+        cur = {"description": fn.description, "buildConfig": copy.deepcopy(fn.build_config),
+               "serviceConfig": copy.deepcopy(fn.service_config), "labels": dict(fn.labels)} \
+            if fn is not None else {"description": "", "buildConfig": {}, "serviceConfig": {},
+                                    "labels": {}}
+        if fn is None or not mask:
+            for k in SETTABLE:
+                if k in body and k != "environment":
+                    cur[k] = copy.deepcopy(body[k])
+        else:
+            for path in mask:
+                top, _, sub = path.partition(".")
+                if top not in SETTABLE:
+                    raise invalid(f"Invalid field mask path {path!r}: the function has no such "
+                                  f"settable field")
+                if not sub:
+                    cur[top] = copy.deepcopy(body.get(top, {} if top != "description" else ""))
+                elif sub in (body.get(top) or {}):
+                    cur[top][sub] = copy.deepcopy(body[top][sub])
+                else:
+                    cur[top].pop(sub, None)
+        if body.get("environment", "GEN_2") not in ("GEN_2", "ENVIRONMENT_UNSPECIFIED"):
+            raise invalid("The emulator serves 2nd gen functions only (environment GEN_2)")
+        b, s = cur["buildConfig"], cur["serviceConfig"]
+        rt = b.get("runtime")
+        if not isinstance(rt, str) or not PYTHON_RUNTIME_RE.match(rt):
+            raise invalid(f"Invalid value {rt!r} for buildConfig.runtime: the emulator runs "
+                          f"python3xx runtimes (e.g. python311) only")
+        ep = b.get("entryPoint")
+        if not isinstance(ep, str) or not ENTRY_POINT_RE.match(ep):
+            raise invalid(f"Invalid value {ep!r} for buildConfig.entryPoint: it must name a "
+                          f"Python function in main.py")
+        src = (b.get("source") or {}).get("storageSource") or {}
+        if not src.get("bucket") or not src.get("object"):
+            raise invalid("buildConfig.source.storageSource (bucket and object from "
+                          "generateUploadUrl) is required: the emulator builds uploaded "
+                          "sources only")
+        up = self._uploads.get((src["bucket"], src["object"]))
+        if up is None or up.data is None:
+            raise invalid(f"Storage source gs://{src['bucket']}/{src['object']} does not exist "
+                          f"or was not uploaded")
+        s.setdefault("availableMemory", DEFAULT_MEMORY)
+        s.setdefault("timeoutSeconds", DEFAULT_TIMEOUT_S)
+        mb = parse_memory_mb(s["availableMemory"])
+        t = s["timeoutSeconds"]
+        if not isinstance(t, int) or not 1 <= t <= MAX_TIMEOUT_S:
+            raise invalid(f"serviceConfig.timeoutSeconds must be an integer between 1 and "
+                          f"{MAX_TIMEOUT_S} (got {t!r})")
+        for key, lo, hi in (("maxInstanceCount", 1, 1000), ("minInstanceCount", 0, 1000),
+                            ("maxInstanceRequestConcurrency", 1, 1000)):
+            v = s.get(key)
+            if v is not None and (not isinstance(v, int) or not lo <= v <= hi):
+                raise invalid(f"serviceConfig.{key} must be an integer between {lo} and {hi} "
+                              f"(got {v!r})")
+        cpu = s.get("availableCpu")
+        if cpu is not None:
+            try:
+                cpus = float(cpu)
+            except (TypeError, ValueError):
+                cpus = -1
+            if not 0.08 <= cpus <= 8:
+                raise invalid(f"serviceConfig.availableCpu {cpu!r} must be a number of vCPUs "
+                              f"between 0.083 and 8")
+            if (s.get("maxInstanceRequestConcurrency") or 1) > 1 and cpus < 1:
+                raise invalid("serviceConfig.maxInstanceRequestConcurrency above 1 requires "
+                              "availableCpu of at least 1")
+        if mb > 512 and cpu is not None and float(cpu) < 0.5:
+            raise invalid(f"serviceConfig.availableMemory {s['availableMemory']!r} needs at "
+                          f"least 0.5 vCPU (availableCpu {cpu!r})")
+        for key in ("environmentVariables",):
+            for where in (b, s):
+                env = where.get(key) or {}
+                if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+                    raise invalid(f"{key} must map names to string values")
+                bad = [k for k in env if k.startswith("X_GOOGLE_") or k in (
+                    "PORT", "K_SERVICE", "K_REVISION", "K_CONFIGURATION")]
+                if bad:
+                    raise invalid(f"environmentVariables: {bad[0]} is a reserved name")
+        return cur
+
+    def _new_operation(self, verb: str, target: str) -> Operation:
+        name = f"{self.parent}/operations/operation-{int(time.time() * 1000)}-{uuid.uuid4().hex[:12]}"
+        op = Operation(name, verb, target)
+        self._operations[name] = op
+        while len(self._operations) > 10000:
+            self._operations.popitem(last=False)
+        return op
+
+    async def create_function(self, parent: str, function_id: str, body: dict) -> Operation:
+        if not FUNCTION_ID_RE.match(function_id or ""):
+            raise invalid(f"Invalid function id {function_id!r}: it must start with a letter, "
+                          f"contain only lowercase letters, digits and hyphens, end with a "
+                          f"letter or digit and be at most 63 characters long (query parameter "
+                          f"functionId)")
+        if function_id in self._functions:
+            raise GoogleError("ALREADY_EXISTS", f"Function {function_id} in region "
+                                                f"{self.region} in project {self.project} "
+                                                f"already exists")
+        cur = self._validate(body, None, [])
+        fn = Function(f"{parent}/functions/{function_id}", function_id)
+        self._apply(fn, cur)
+        self._functions[function_id] = fn
+        op = self._new_operation("create", fn.name)
+        fn.busy_operation = op.name
+        self._spawn_task(self._deploy(fn, op, rebuild=True))
+        return op
+
+    async def update_function(self, fn: Function, body: dict, mask: list[str]) -> Operation:
+        if fn.busy_operation is not None:
+            raise GoogleError("ABORTED", f"An operation on function {fn.name} is already in "
+                                         f"progress. Please try again later.")
+        cur = self._validate(body, fn, mask)
+        rebuild = cur["buildConfig"] != fn.build_config
+        self._apply(fn, cur)
+        fn.state = "DEPLOYING"
+        op = self._new_operation("update", fn.name)
+        fn.busy_operation = op.name
+        self._spawn_task(self._deploy(fn, op, rebuild=rebuild))
+        return op
+
+    def _apply(self, fn: Function, cur: dict) -> None:
+        fn.description = cur["description"]
+        fn.build_config = cur["buildConfig"]
+        fn.service_config = cur["serviceConfig"]
+        fn.labels = cur["labels"]
+        fn.update_time = now_rfc3339()
+
+    async def _deploy(self, fn: Function, op: Operation, rebuild: bool) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if rebuild:
+                op.status_detail = "Building function"
+                src = fn.build_config["source"]["storageSource"]
+                data = self._uploads[(src["bucket"], src["object"])].data
+                fn.build_revision += 1
+                python, source = await loop.run_in_executor(
+                    self._executor, self._build, fn.id, fn.build_revision, data)
+                if fn.deleted:
+                    return
+                fn.python, fn.source_dir = python, source
+            op.status_detail = "Deploying function"
+            if fn.server is None:
+                await self._listen_function(fn)
+            fn.revision += 1
+            s = fn.service_config
+            s["uri"] = fn.uri
+            s["service"] = f"{self.parent}/services/{fn.id}"
+            s["revision"] = f"{fn.id}-{fn.revision:05d}-{uuid.uuid4().hex[:3]}"
+            s.setdefault("maxInstanceCount", 100)
+            s.setdefault("maxInstanceRequestConcurrency", 1)
+            s.setdefault("availableCpu", "0.1666" if parse_memory_mb(s["availableMemory"]) <= 256
+                         else "1")
+            s.setdefault("ingressSettings", "ALLOW_ALL")
+            s.setdefault("allTrafficOnLatestRevision", True)
+            s.setdefault("serviceAccountEmail", self.auth.client_email)
+            fn.build_config.setdefault("serviceAccount",
+                                       f"projects/{self.project}/serviceAccounts/"
+                                       f"{self.auth.client_email}")
+            fn.state, fn.state_messages = "ACTIVE", []
+            self.retire_stale(fn)
+            op.response = {"@type": FUNCTION_TYPE, **fn.describe()}
+        except BuildError as e:
+            fn.state = "FAILED"
+            fn.state_messages = [{"severity": "ERROR", "type": "BuildFailed",
+                                  "message": str(e)}]
+            op.error = GoogleError("INVALID_ARGUMENT", str(e)).rpc_status()
+        except Exception as e:
+            logger.exception("deploying %s failed", fn.id)
+            fn.state = "FAILED"
+            op.error = GoogleError("INTERNAL", f"{type(e).__name__}: {e}").rpc_status()
+        finally:
+            op.done, op.end_time, op.status_detail = True, now_rfc3339(), ""
+            if fn.busy_operation == op.name:
+                fn.busy_operation = None
+
+    def _build(self, function_id: str, build_revision: int, data: bytes) -> tuple[Path, Path]:
+        base = self.workdir / "functions" / function_id / str(build_revision)
+        base.mkdir(parents=True)
+        (base / "source.zip").write_bytes(data)
+        source = extract_source(base / "source.zip", base / "source")
+        return build_environment(source, self.build_cache), source
+
+    async def _listen_function(self, fn: Function) -> None:
+        socks = bind_sockets(0, self.host, family=socket.AF_INET)
+        fn.port = socks[0].getsockname()[1]
+        fn.server = HTTPServer(function_application(self, fn), max_body_size=32 * 1024 * 1024)
+        fn.server.add_sockets(socks)
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        fn.uri = f"http://{host}:{fn.port}"
+
+    def delete_function(self, fn: Function) -> Operation:
+        if fn.busy_operation is not None and self._operations[fn.busy_operation].verb == "delete":
+            raise GoogleError("ABORTED", f"Function {fn.name} is being deleted")
+        op = self._new_operation("delete", fn.name)
+        fn.state, fn.deleted = "DELETING", True
+        fn.busy_operation = op.name
+        self._functions.pop(fn.id, None)
+        if fn.server is not None:
+            fn.server.stop()
+            fn.server = None
+        for inst in list(fn.instances):
+            self.stop_instance(inst, "the function was deleted")
+        self._spawn_task(self._finish_delete(fn, op))
+        return op
+
+    async def _finish_delete(self, fn: Function, op: Operation) -> None:
+        """The operation is done once every instance's process is gone."""
+        deadline = time.monotonic() + 30
+        while fn.instances and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        op.done, op.end_time = True, now_rfc3339()
+        op.response = {"@type": EMPTY_TYPE}
+
+    def _spawn_task(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,288 @@
+"""The offline Cloud Run functions emulator, through Google's own client libraries.
+
+One emulator for the module; each test deploys its own function (builds of the
+same requirements are cached, so only the first one runs pip).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import os
+import time
+import zipfile
+
+import pytest
+
+pytest.importorskip("functions_framework")
+pytest.importorskip("google.auth")
+
+import google.auth.transport.requests as gtr  # noqa: E402
+import requests  # noqa: E402
+from google.oauth2 import service_account  # noqa: E402
+
+from dask_lithops.testing.fixtures import gcp_functions_emulator  # noqa: E402,F401
+
+PARENT = "projects/test-project/locations/us-central1"
+SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
+
+MAIN = '''
+import os, socket, time
+
+def handle(request):
+    d = request.get_json(silent=True) or {}
+    if d.get("sleep"):
+        time.sleep(d["sleep"])
+    if d.get("mb"):
+        blocks = [bytearray(1024 * 1024) for _ in range(d["mb"])]
+        for b in blocks:
+            for i in range(0, len(b), 4096):
+                b[i] = 1
+    if d.get("read"):
+        try:
+            return {"read": open(d["read"]).read()}
+        except OSError as e:
+            return {"error": type(e).__name__}
+    return {"name": d.get("name"), "pid": os.getpid(), "k_service": os.environ.get("K_SERVICE"),
+            "greeting": os.environ.get("GREETING"), "path": request.path}
+'''
+
+
+def source_zip(main: str = MAIN, requirements: str = "") -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("main.py", main)
+        z.writestr("requirements.txt", requirements)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def api(gcp_functions_emulator):  # noqa: F811
+    creds = service_account.Credentials.from_service_account_file(
+        str(gcp_functions_emulator.credentials_file), scopes=SCOPES)
+    return gtr.AuthorizedSession(creds)
+
+
+def wait(emu, api, op: dict, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while not op["done"]:
+        assert time.monotonic() < deadline, op
+        time.sleep(0.2)
+        r = api.get(f"{emu.endpoint_url}/v2/{op['name']}")
+        assert r.status_code == 200, r.text
+        op = r.json()
+    return op
+
+
+def deploy(emu, api, function_id: str, code: bytes | None = None, **service) -> dict:
+    """generateUploadUrl, the upload, create, wait for the operation; the operation."""
+    r = api.post(f"{emu.endpoint_url}/v2/{PARENT}/functions:generateUploadUrl", json={})
+    assert r.status_code == 200, r.text
+    up = r.json()
+    put = requests.put(up["uploadUrl"], data=code or source_zip(),
+                       headers={"content-type": "application/zip"})
+    assert put.status_code == 200, put.text
+    service.setdefault("availableMemory", "256Mi")
+    service.setdefault("timeoutSeconds", 30)
+    body = {"buildConfig": {"runtime": "python311", "entryPoint": "handle",
+                            "source": {"storageSource": up["storageSource"]}},
+            "serviceConfig": service}
+    r = api.post(f"{emu.endpoint_url}/v2/{PARENT}/functions", params={"functionId": function_id},
+                 json=body)
+    assert r.status_code == 200, r.text
+    return wait(emu, api, r.json())
+
+
+def caller(emu, uri: str) -> gtr.AuthorizedSession:
+    """A session sending ID tokens for ``uri``, fetched by google-auth's service-account flow."""
+    idc = service_account.IDTokenCredentials.from_service_account_file(
+        str(emu.credentials_file), target_audience=uri)
+    return gtr.AuthorizedSession(idc)
+
+
+def test_deploy_invoke_through_the_front_end(gcp_functions_emulator, api):  # noqa: F811
+    emu = gcp_functions_emulator
+    op = deploy(emu, api, "hello", environmentVariables={"GREETING": "hi"})
+    assert "error" not in op, op
+    fn = op["response"]
+    assert fn["state"] == "ACTIVE" and fn["name"] == f"{PARENT}/functions/hello"
+    uri = fn["serviceConfig"]["uri"]
+    got = api.get(f"{emu.endpoint_url}/v2/{PARENT}/functions/hello").json()
+    assert got["serviceConfig"]["uri"] == uri and got["state"] == "ACTIVE"
+    listed = api.get(f"{emu.endpoint_url}/v2/{PARENT}/functions").json()["functions"]
+    assert [f["name"] for f in listed] == [fn["name"]]
+
+    session = caller(emu, uri)
+    r = session.post(uri + "/some/path?x=1", json={"name": "dask"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["name"] == "dask" and body["k_service"] == "hello"
+    assert body["greeting"] == "hi" and body["path"] == "/some/path"
+    r2 = session.post(uri, json={"name": "again"})
+    assert r2.json()["pid"] == body["pid"]  # the warm instance served it
+    recs = emu.requests("hello")
+    assert [(rec.status, rec.cold) for rec in recs] == [(200, True), (200, False)]
+    inst = [i for i in emu.instances if i.function == "hello"]
+    assert len(inst) == 1 and inst[0].requests_served == 2
+    if emu.sandboxed:
+        assert inst[0].netns and inst[0].memory_mb == 256
+
+    # no token, a token for another audience, an access token: all refused
+    assert requests.post(uri, json={}).status_code == 401
+    other = caller(emu, "http://127.0.0.1:1")
+    assert other.post(uri, json={}).status_code == 401
+    assert api.post(uri, json={}).status_code == 401
+    # the API needs its bearer token too, and answers in Google's error shape
+    r = requests.get(f"{emu.endpoint_url}/v2/{PARENT}/functions/hello")
+    assert r.status_code == 401 and r.json()["error"]["status"] == "UNAUTHENTICATED"
+
+
+def test_google_client_library_and_error_shapes(gcp_functions_emulator):  # noqa: F811
+    functions_v2 = pytest.importorskip("google.cloud.functions_v2")
+    from google.api_core import exceptions
+    from google.api_core.client_options import ClientOptions
+    from google.protobuf import field_mask_pb2
+
+    emu = gcp_functions_emulator
+    creds = service_account.Credentials.from_service_account_file(
+        str(emu.credentials_file), scopes=SCOPES)
+    c = functions_v2.FunctionServiceClient(
+        credentials=creds, transport="rest",
+        client_options=ClientOptions(api_endpoint=emu.endpoint_url))
+    up = c.generate_upload_url(request={"parent": PARENT})
+    assert requests.put(up.upload_url, data=source_zip(),
+                        headers={"content-type": "application/zip"}).status_code == 200
+    fn = functions_v2.Function(
+        build_config=functions_v2.BuildConfig(
+            runtime="python311", entry_point="handle",
+            source=functions_v2.Source(storage_source=up.storage_source)),
+        service_config=functions_v2.ServiceConfig(available_memory="256Mi", timeout_seconds=30))
+    created = c.create_function(parent=PARENT, function=fn, function_id="lib").result(timeout=300)
+    assert created.state == functions_v2.Function.State.ACTIVE
+    with pytest.raises(exceptions.Conflict, match="already exists"):
+        c.create_function(parent=PARENT, function=fn, function_id="lib")
+    with pytest.raises(exceptions.NotFound):
+        c.get_function(name=f"{PARENT}/functions/missing")
+    bad = functions_v2.Function(
+        build_config=fn.build_config,
+        service_config=functions_v2.ServiceConfig(available_memory="64Mi"))
+    with pytest.raises(exceptions.BadRequest, match="availableMemory"):
+        c.create_function(parent=PARENT, function=bad, function_id="bad")
+
+    patched = c.update_function(
+        function=functions_v2.Function(
+            name=created.name,
+            service_config=functions_v2.ServiceConfig(available_memory="512Mi",
+                                                      environment_variables={"GREETING": "v2"})),
+        update_mask=field_mask_pb2.FieldMask(paths=["service_config.available_memory",
+                                                   "service_config.environment_variables"]),
+    ).result(timeout=120)
+    assert patched.service_config.available_memory == "512Mi"
+    assert patched.service_config.timeout_seconds == 30  # not in the mask: kept
+    r = caller(emu, patched.service_config.uri).post(patched.service_config.uri, json={})
+    assert r.status_code == 200 and r.json()["greeting"] == "v2", r.text
+
+    c.delete_function(name=created.name).result(timeout=60)
+    with pytest.raises(exceptions.NotFound):
+        c.get_function(name=created.name)
+    assert not [i for i in emu.instances if i.function == "lib"]
+
+
+def test_failed_build_fails_the_operation_with_pips_error(gcp_functions_emulator, api):  # noqa: F811
+    emu = gcp_functions_emulator
+    code = source_zip(requirements="dask-lithops-no-such-package-zz==0.0.1\n")
+    op = deploy(emu, api, "broken", code)
+    assert op["error"]["code"] == 3, op
+    assert "pip install" in op["error"]["message"]
+    assert "dask-lithops-no-such-package-zz" in op["error"]["message"]
+    fn = api.get(f"{emu.endpoint_url}/v2/{PARENT}/functions/broken").json()
+    assert fn["state"] == "FAILED" and "dask-lithops-no-such-package-zz" in \
+        fn["stateMessages"][0]["message"]
+
+
+def test_max_instances_and_request_timeout(gcp_functions_emulator, api):  # noqa: F811
+    emu = gcp_functions_emulator
+    op = deploy(emu, api, "limits", maxInstanceCount=1, timeoutSeconds=3)
+    uri = op["response"]["serviceConfig"]["uri"]
+    session = caller(emu, uri)
+    session.post(uri, json={}).raise_for_status()  # warm, so the slow call starts at once
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(session.post, uri, json={"sleep": 2})
+        time.sleep(0.5)
+        # one request per instance and at most one instance: no room for a second
+        busy = session.post(uri, json={})
+        assert busy.status_code == 429, busy.text
+        assert slow.result().status_code == 200
+
+    before = [i for i in emu.instances if i.function == "limits"]
+    t0 = time.monotonic()
+    r = session.post(uri, json={"sleep": 30})
+    assert r.status_code == 504 and time.monotonic() - t0 < 10
+    # the instance that ran over its timeout is stopped by PID
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{i.pid}") for i in before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{i.pid}") for i in before)
+
+
+
+def test_memory_limit(gcp_functions_emulator, api):  # noqa: F811
+    emu = gcp_functions_emulator
+    op = deploy(emu, api, "hog", timeoutSeconds=30)
+    uri = op["response"]["serviceConfig"]["uri"]
+    session = caller(emu, uri)
+    r = session.post(uri, json={"mb": 400})  # a 504 would mean it ran into the timeout
+    if emu.memory_limit_mode == "cgroup-v1":
+        assert r.status_code == 503 and "Memory limit of 256 MiB exceeded" in r.text, r.text
+    else:
+        assert r.status_code >= 500, r.text
+    after = session.post(uri, json={"name": "after"})
+    assert after.status_code == 200 and after.json()["name"] == "after", after.text
+    assert [rec.cold for rec in emu.requests("hog")] == [True, True]  # a new instance
+
+
+def test_idle_instances_are_reaped(gcp_functions_emulator, api):  # noqa: F811
+    emu = gcp_functions_emulator
+    op = deploy(emu, api, "idle")
+    uri = op["response"]["serviceConfig"]["uri"]
+    caller(emu, uri).post(uri, json={}).raise_for_status()
+    (inst,) = [i for i in emu.instances if i.function == "idle"]
+    saved = emu.idle_timeout
+    emu.idle_timeout = 0.5
+    try:
+        deadline = time.monotonic() + 10
+        while any(i.function == "idle" for i in emu.instances) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        emu.idle_timeout = saved
+    assert not any(i.function == "idle" for i in emu.instances)
+    assert not os.path.exists(f"/proc/{inst.pid}")
+
+
+def test_cli_starts_and_stops_the_emulator(tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dask_lithops.testing.lambda_emulator.cli", "start", "--cloud",
+         "gcp", "--project", "cli-project", "--log-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "GOOGLE_APPLICATION_CREDENTIALS" in line:
+                break
+        out = "".join(lines)
+        assert "Cloud Run functions emulator listening at" in out, out
+        key = line.strip().split("=", 1)[1]
+        info = json.load(open(key))
+        assert info["type"] == "service_account" and info["project_id"] == "cli-project"
+        assert oct(os.stat(key).st_mode & 0o777) == "0o600"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and "emulator stopped" in rest
+    assert not os.path.exists(key)
