@@ -177,7 +177,7 @@ def for_cluster(quiet: bool | None = None, silence_logs=None) -> Progress:
     from dask_lithops import config
 
     if quiet is None:
-        quiet = bool(config.get("cluster.quiet", False))
+        quiet = bool(config.get("cluster.quiet"))
     if isinstance(silence_logs, str):
         silence_logs = logging.getLevelName(silence_logs.upper())
     if isinstance(silence_logs, int) and not isinstance(silence_logs, bool) \
