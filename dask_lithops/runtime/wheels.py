@@ -34,6 +34,8 @@ from dask_lithops import progress as progress_mod
 
 from .contents import Entry
 
+DOWNLOADERS = 4  # pip processes fetching wheels side by side
+
 
 @dataclass(frozen=True)
 class Target:
@@ -220,21 +222,28 @@ def _download(todo: list[Entry], target: Target, directory: Path, missing: dict,
         args = ["download", "--no-deps", "--only-binary=:all:", "-d", str(tmp),
                 *target.pip_platform_args()]
         phase.set_total(len(todo), "wheels")
-        r = _pip(*args, *(e.pin for e in todo))
-        if r.returncode:  # find which ones: one pip per distribution
-            def one(e: Entry):
-                r1 = _pip(*args, e.pin)
-                if r1.returncode and target.is_client:
-                    r1 = _pip("wheel", "--no-deps", "-w", str(tmp), e.pin)
-                phase.advance()
-                return e, r1
 
-            with ThreadPoolExecutor(4) as pool:
-                for e, r1 in pool.map(one, todo):
+        def one(e: Entry):
+            r1 = _pip(*args, e.pin)
+            if r1.returncode and target.is_client:  # no wheel: build one from the sdist
+                r1 = _pip("wheel", "--no-deps", "-w", str(tmp), e.pin)
+            phase.advance()
+            return e, r1
+
+        def chunk(group: list[Entry]):
+            r = _pip(*args, *(e.pin for e in group))
+            if not r.returncode:
+                phase.advance(len(group))
+                return []
+            return [one(e) for e in group]  # find which ones: one pip per distribution
+
+        # pip fetches one file at a time: a few pips side by side (the index is the bottleneck)
+        groups = [todo[i::DOWNLOADERS] for i in range(min(DOWNLOADERS, len(todo)))]
+        with ThreadPoolExecutor(DOWNLOADERS) as pool:
+            for failed in pool.map(chunk, groups):
+                for e, r1 in failed:
                     if r1.returncode:
                         missing[e.name] = _pip_reason(r1)
-        else:
-            phase.advance(len(todo))
         for p in tmp.glob("*.whl"):
             os.replace(p, directory / p.name)
     finally:
