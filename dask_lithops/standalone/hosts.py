@@ -121,20 +121,19 @@ class HostSetup:
     progress: Progress = SILENT
 
     @classmethod
-    def from_options(cls, options: dict, worker_processes=None, package_sync: bool | None = None,
+    def from_options(cls, ssh: dict, standalone: dict, package_sync: bool | None = None,
                      extra_packages=(), progress: Progress = SILENT) -> HostSetup:
-        """From resolved ``lithops.ssh``-style options (``ssh_key_filename``, ``remote_dir``, ...).
+        """From resolved ``lithops.ssh`` and ``lithops.standalone`` options.
 
         ``package_sync`` (None: ``lithops.runtime.package_sync``) and ``extra_packages``
         decide what the runtime holds (docs/runtime.md); ``progress`` reports its phases.
         """
-        extras = [*(options.get("extra_python_packages") or ()), *(extra_packages or ())]
-        return cls(connect_defaults(options),
+        extras = [*(standalone.get("extra_python_packages") or ()), *(extra_packages or ())]
+        return cls(connect_defaults(ssh),
                    client_runtime(extras, package_sync, progress),
-                   remote_dir=options["remote_dir"], remote_python=options["remote_python"],
-                   install_runtime=bool(options["install_runtime"]),
-                   worker_processes=options.get("worker_processes")
-                   if worker_processes is None else worker_processes, progress=progress)
+                   remote_dir=standalone["remote_dir"], remote_python=standalone["remote_python"],
+                   install_runtime=bool(standalone["install_runtime"]),
+                   worker_processes=standalone.get("worker_processes"), progress=progress)
 
     def prepare(self, spec: HostSpec, index: int = 0,
                 reach_port: int | None = None) -> PreparedHost:
