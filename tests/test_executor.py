@@ -202,12 +202,17 @@ def test_exceptions_reraise_with_type_and_traceback(fexec):
     assert fs[1]._exception[0] is Boom
 
 
-def test_call_timeout(fexec):
+def test_call_timeout(fexec, client):
     t0 = time.monotonic()
     fs = fexec.map(time.sleep, [30], timeout=1)
     with pytest.raises(TimeoutError, match="exceeded maximum time of 1 seconds"):
         fexec.get_result(fs)
     assert time.monotonic() - t0 < 15
+
+    # Lithops' execution_timeout (config) is the default per-call limit
+    with lithops.FunctionExecutor(cluster=client, config={"lithops": {"execution_timeout": 1}}) as ex:
+        with pytest.raises(TimeoutError, match="exceeded maximum time of 1 seconds"):
+            ex.get_result(ex.map(time.sleep, [30]))
 
 
 # --------------------------------------------------------------------------- wait
@@ -322,6 +327,13 @@ def test_retrying_executor(fexec, tmp_path):
             rexec.wait(fs)
         assert fs[0].failure_count == 2
 
+    # lithops.retries in the config is the default
+    with lithops.FunctionExecutor(cluster=fexec.client, config={"lithops": {"retries": 1}}) as ex:
+        rexec = lithops.RetryingFunctionExecutor(ex)
+        fs = rexec.map(flaky, [7], extra_args=(str(tmp_path),))
+        done, _ = rexec.wait(fs, download_results=True)
+        assert done[0].result() == 21 and fs[0].failure_count == 1
+
 
 def kill_my_worker_once(x, marker_dir):
     marker = os.path.join(marker_dir, f"killed-{x}")
@@ -395,6 +407,9 @@ def test_object_iterdata_partitions_keep_lines_whole(fexec):
     assert by_key["in/a.txt"] == [f"{i:05d}" for i in range(3000)]  # every line once, in order
     assert by_key["in/b.txt"] == [f"{i:05d}" for i in range(1000)]
     assert len([p for p in parts if p["key"] == "in/a.txt"]) == -(-len(data["in/a.txt"]) // 7000)
+
+    parts = fexec.get_result(fexec.map(count_lines, "localhost://data/in/b*.txt"))  # a glob
+    assert [p["key"] for p in parts] == ["in/b.txt"] and len(parts[0]["lines"]) == 1000
 
     parts = fexec.get_result(fexec.map(count_lines, ["data/in/a.txt"], obj_chunk_number=4))
     assert [p["part"] for p in parts] == [1, 2, 3, 4]

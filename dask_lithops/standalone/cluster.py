@@ -10,6 +10,10 @@ shared entry point ``python -m dask_lithops.worker``.  One spec entry is one
 host (``group`` = its processes), so ``scale()`` adds or removes whole hosts,
 retiring their workers gracefully; ``close()`` stops every process it started
 and verifies on each host that none remains.
+
+This module holds only the cluster's own state (hosts held, scaling, release):
+hosts are prepared by :mod:`.hosts`, processes run by :mod:`.launchers` (which
+see a host handle, not this class), SSH is :mod:`.ssh_transport`.
 """
 
 from __future__ import annotations
