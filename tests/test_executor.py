@@ -157,14 +157,15 @@ def test_modules_chunksize_and_memory_are_accepted(fexec):
     (lambda ex: ex.map(double, [1], include_modules="json"), r"include_modules = 'json' is invalid"),
     (lambda ex: ex.map(42, [1]), "must be callable"),
     (lambda ex: ex.map_reduce(double, [1], total, spawn_reducer=200), r"return_when = 200 is invalid"),
-    (lambda ex: ex.wait(ex.map(double, [1]), return_when="all"),
+    (lambda ex: ex.map_reduce(double, [1], lambda *r: r, spawn_reducer=0), "must take the list of map"),
+    (lambda ex: ex.wait(return_when="all"),
      r"return_when = 'all' is invalid; allowed: ALWAYS \(0\), ANY_COMPLETED \(-1\), ALL_COMPLETED"),
 ])
 def test_bad_arguments_fail_before_any_call(fexec, call, message):
     before = len(fexec.futures)
     with pytest.raises((ValueError, TypeError), match=message):
         call(fexec)
-    assert len(fexec.futures) <= before + 1  # at most the wait() case's own valid map
+    assert len(fexec.futures) == before
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -202,12 +203,17 @@ def test_exceptions_reraise_with_type_and_traceback(fexec):
     assert fs[1]._exception[0] is Boom
 
 
-def test_call_timeout(fexec):
+def test_call_timeout(fexec, client):
     t0 = time.monotonic()
     fs = fexec.map(time.sleep, [30], timeout=1)
     with pytest.raises(TimeoutError, match="exceeded maximum time of 1 seconds"):
         fexec.get_result(fs)
     assert time.monotonic() - t0 < 15
+
+    # Lithops' execution_timeout (config) is the default per-call limit
+    with lithops.FunctionExecutor(cluster=client, config={"lithops": {"execution_timeout": 1}}) as ex:
+        with pytest.raises(TimeoutError, match="exceeded maximum time of 1 seconds"):
+            ex.get_result(ex.map(time.sleep, [30]))
 
 
 # --------------------------------------------------------------------------- wait
@@ -322,6 +328,13 @@ def test_retrying_executor(fexec, tmp_path):
             rexec.wait(fs)
         assert fs[0].failure_count == 2
 
+    # lithops.retries in the config is the default
+    with lithops.FunctionExecutor(cluster=fexec.client, config={"lithops": {"retries": 1}}) as ex:
+        rexec = lithops.RetryingFunctionExecutor(ex)
+        fs = rexec.map(flaky, [7], extra_args=(str(tmp_path),))
+        done, _ = rexec.wait(fs, download_results=True)
+        assert done[0].result() == 21 and fs[0].failure_count == 1
+
 
 def kill_my_worker_once(x, marker_dir):
     marker = os.path.join(marker_dir, f"killed-{x}")
@@ -395,6 +408,9 @@ def test_object_iterdata_partitions_keep_lines_whole(fexec):
     assert by_key["in/a.txt"] == [f"{i:05d}" for i in range(3000)]  # every line once, in order
     assert by_key["in/b.txt"] == [f"{i:05d}" for i in range(1000)]
     assert len([p for p in parts if p["key"] == "in/a.txt"]) == -(-len(data["in/a.txt"]) // 7000)
+
+    parts = fexec.get_result(fexec.map(count_lines, "localhost://data/in/b*.txt"))  # a glob
+    assert [p["key"] for p in parts] == ["in/b.txt"] and len(parts[0]["lines"]) == 1000
 
     parts = fexec.get_result(fexec.map(count_lines, ["data/in/a.txt"], obj_chunk_number=4))
     assert [p["part"] for p in parts] == [1, 2, 3, 4]

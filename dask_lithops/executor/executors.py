@@ -138,7 +138,6 @@ class FunctionExecutor:
         self._client = None
         self._cluster = None
         self._owns_client = self._owns_cluster = False
-        self._storage = None
         self._storages: dict = {}
 
         if monitoring is not None and monitoring not in MONITORING:
@@ -161,11 +160,11 @@ class FunctionExecutor:
             from dask_lithops.storage.storage import resolve_storage_config
 
             self._storage_config = resolve_storage_config(lithops_config, storage, self.mode)
-        if self._storage_config["backend"] == "localhost" and self.mode != "localhost" and storage:
+        if self._storage_config["backend"] == "localhost" and self.mode != "localhost":
             raise dl_config.ConfigError(
                 f"storage = 'localhost' cannot be used with backend {self.backend!r}: its workers do not "
                 "share this machine's disk; allowed: aws_s3")
-        general = (lithops_config or {}).get("lithops") or {}
+        general = (lithops_config if lithops_config is not None else _lithops_file()).get("lithops") or {}
         self.config = {
             "lithops": {"mode": self.mode, "backend": self.backend,
                         "storage": self._storage_config["backend"],
@@ -306,7 +305,7 @@ class FunctionExecutor:
         if not callable(func):
             raise TypeError(f"the function to run must be callable, not {type(func).__name__}")
         extra_env = _check_env(extra_env)
-        timeout = check_timeout(timeout)
+        timeout = check_timeout(timeout or self.config["lithops"]["execution_timeout"])
         _check_positive_int("chunksize", chunksize, allow_zero=True)
         _check_positive_int("runtime_memory", runtime_memory)
         _check_list("include_modules", include_modules)
@@ -319,10 +318,8 @@ class FunctionExecutor:
             params = set()
         obj_job = "obj" in params and reduce_of is None and is_object_processing_function(func)
         if reduce_of is not None:
-            marker = object()
-            calls = verify_args(func, [(marker,)], extra_args)
-            reduce_param = next((k for k, v in calls[0].items() if v is marker), None)
-            calls = [{**calls[0], reduce_param: None} for _ in reduce_of]
+            reduce_param, call = _reduce_call(func, extra_args)
+            calls = [call for _ in reduce_of]
             deps = [[f.dask_future for f in group] for group in reduce_of]
         else:
             reduce_param = None
@@ -343,7 +340,7 @@ class FunctionExecutor:
         func_bytes = cloudpickle.dumps(func)
         job = {"func": func_bytes, "func_digest": hashlib.sha1(func_bytes).digest(),
                "layout": call_layout(func), "obj": obj_job, "inject_storage": inject_storage,
-               "storage_config": self._worker_storage_config() if (obj_job or inject_storage) else None,
+               "storage_config": self._storage_config if (obj_job or inject_storage) else None,
                "extra_env": extra_env, "timeout": timeout, "reduce_param": reduce_param}
         # The function travels pickled (cloudpickle, as Lithops ships it), once per job;
         # modules registered with cloudpickle.register_pickle_by_value go by value.
@@ -358,9 +355,6 @@ class FunctionExecutor:
         futures = [ResponseFuture(df, f"{i:05d}", info) for i, df in enumerate(dask_futures)]
         self.futures.extend(futures)
         return futures, ppo
-
-    def _worker_storage_config(self) -> dict:
-        return self._storage_config
 
     def call_async(self, func: Callable, data, extra_env: dict | None = None,
                    runtime_memory: int | None = None, timeout: int | None = None,
@@ -403,6 +397,7 @@ class FunctionExecutor:
         """Map, then ``reduce_function`` over the list of map outputs (one per object with
         ``obj_reduce_by_key``; ``reducer_one_per_object`` is its older Lithops name)."""
         check_return_when(spawn_reducer)
+        _reduce_call(reduce_function, extra_args_reduce)  # a bad reducer fails before the maps run
         if reducer_one_per_object is not None:
             obj_reduce_by_key = obj_reduce_by_key or bool(reducer_one_per_object)
         self.last_call = "map_reduce"
@@ -443,6 +438,8 @@ class FunctionExecutor:
         """``(fs_done, fs_notdone)`` once ``return_when`` of ``fs`` (default: all of this
         executor's futures) have completed; see :func:`dask_lithops.wait`.  ``clean_jobs``
         is accepted (Lithops' temporary job data does not exist here)."""
+        check_return_when(return_when)
+        check_timeout(timeout)
         futures = fs or self.futures
         if isinstance(futures, ResponseFuture):
             futures = [futures]
@@ -558,6 +555,19 @@ class FunctionExecutor:
             self._close()
 
 
+def _reduce_call(func, extra_args) -> tuple[str, dict]:
+    """The reducer's parameter for the map results, and its call (results left out)."""
+    if not callable(func):
+        raise TypeError(f"reduce_function must be callable, not {type(func).__name__}")
+    marker = object()
+    call = verify_args(func, [(marker,)], extra_args)[0]
+    param = next((k for k, v in call.items() if v is marker), None)
+    if param is None:
+        raise TypeError(f"reduce_function {getattr(func, '__name__', func)}{inspect.signature(func)} "
+                        "must take the list of map results as its first parameter")
+    return param, {**call, param: None}
+
+
 def _lithops_temp_dir() -> str:
     from dask_lithops.storage.backends.localhost import default_root
 
@@ -582,6 +592,19 @@ def _load_lithops_config(config, config_file):
             raise dl_config.ConfigError(f"config_file {config_file} must be a mapping of sections")
         return data
     return None
+
+
+def _lithops_file() -> dict:
+    """The Lithops config file in effect, as it is (for its general ``lithops`` section)."""
+    path = dl_config.lithops_config_file()
+    if not path or not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return {}  # the cluster's own config resolution reports a broken file
+    return data if isinstance(data, Mapping) else {}
 
 
 def _setup_logging(level) -> None:
