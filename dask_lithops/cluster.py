@@ -321,7 +321,11 @@ class LithopsCluster(SpecCluster):
         # over RPC, not scheduler.add_plugin: the scheduler may run elsewhere
         await self.scheduler_comm.register_scheduler_plugin(
             plugin=dumps(FailureMonitor()), name=PLUGIN_NAME, idempotent=True)
-        if self.relay_enabled and self._relay_server is None:
+        # a scheduler on another host may run the relay beside it (RemoteScheduler(relay=...))
+        remote_relay = getattr(self.scheduler, "relay_address", None)
+        if self.relay_enabled and remote_relay:
+            self.relay_address = remote_relay
+        elif self.relay_enabled and self._relay_server is None:
             from dask_lithops.relay import RelayServer
 
             relay_host = config.get("relay.host") or \
