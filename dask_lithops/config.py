@@ -21,11 +21,20 @@ DEFAULTS_FILE = os.path.join(_HERE, "lithops.yaml")
 SCHEMA_FILE = os.path.join(_HERE, "lithops-schema.yaml")
 NAMESPACE = "lithops"
 
-# Lithops' config sections that map one to one onto ours (same key names).
-LITHOPS_SECTIONS = ("localhost", "aws", "aws_s3", "aws_lambda", "aws_ec2", "standalone", "ssh")
+# Sections of ours that Lithops' config file does not have; every other section
+# maps one to one onto a Lithops section (same key names).
+OWN_SECTIONS = ("cluster", "relay", "serverless")
+
+
+def _serverless_backends() -> tuple[str, ...]:
+    from dask_lithops.serverless.backends import BACKENDS  # a plain registry: no imports
+
+    return tuple(BACKENDS)
+
+
 MODE_OF_BACKEND = {
     "localhost": "localhost",
-    "aws_lambda": "serverless",
+    **{name: "serverless" for name in _serverless_backends()},
     "ssh": "standalone",
     "vm": "standalone",
     "aws_ec2": "standalone",
@@ -45,6 +54,8 @@ def _load_yaml(path: str) -> dict:
 
 PACKAGE_DEFAULTS: dict = _load_yaml(DEFAULTS_FILE)
 dask.config.update_defaults(PACKAGE_DEFAULTS)
+LITHOPS_SECTIONS = tuple(k for k, v in PACKAGE_DEFAULTS[NAMESPACE].items()
+                         if isinstance(v, dict) and k not in OWN_SECTIONS)
 
 
 @lru_cache(maxsize=1)
@@ -115,6 +126,24 @@ def map_lithops_config(data: Mapping) -> dict:
             mapped["ssh_key_filename"] = vm["ssh_key_filename"]
         ours.setdefault("ssh", {}).update({k: v for k, v in mapped.items() if k in known["ssh"]})
     return {NAMESPACE: ours}
+
+
+# Keys of Lithops' `lithops` section we read, and how its `vm` section maps onto `ssh`.
+GENERAL_KEYS = ("mode", "backend", "storage", "log_level")
+VM_SECTION_KEYS = {"hosts": ("vm.ip_address", "vm.ssh_username"),
+                   "ssh_key_filename": ("vm.ssh_key_filename",)}
+
+
+def lithops_file_keys(key: str) -> list[str]:
+    """The Lithops config-file keys that set ``key`` (as :func:`map_lithops_config` reads them)."""
+    parts = _full(key).split(".")[1:]
+    if len(parts) == 1:
+        return [f"lithops.{parts[0]}"] if parts[0] in GENERAL_KEYS else []
+    section, name = parts[0], parts[1]
+    out = [f"{section}.{'.'.join(parts[1:])}"] if section in LITHOPS_SECTIONS else []
+    if section == "ssh":
+        out += list(VM_SECTION_KEYS.get(name, ()))
+    return out
 
 
 def lithops_file_config() -> tuple[str | None, dict]:

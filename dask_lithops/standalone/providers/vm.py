@@ -199,6 +199,7 @@ class VMProvider(HostProvider):
                             soft_dismantle_timeout=soft_dismantle_timeout,
                             hard_dismantle_timeout=hard_dismantle_timeout,
                             start_timeout=start_timeout, start_retries=start_retries)
+        sa = {k: sa[k] for k in STANDALONE_KEYS}  # the VM keys; the rest is the cluster's
         if sa["exec_mode"] == "consume":
             if not own.get("instance_id"):
                 raise config.ConfigError(f"exec_mode 'consume' needs lithops.{cls.section}."
