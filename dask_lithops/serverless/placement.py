@@ -31,10 +31,13 @@ REMOTE = ("aws_ec2", "ssh")
 # (EC2: the security group) can open exactly these two to the functions.
 DEFAULT_SCHEDULER_PORT = 8786
 DEFAULT_RELAY_PORT = 8788
-# lithops.ssh keys that say how to reach and prepare the host (not the worker-group ones)
+# how to log in (lithops.ssh) and how to prepare the host's runtime (lithops.standalone)
 SSH_KEYS = ("ssh_username", "ssh_key_filename", "known_hosts", "trust_unknown_hosts",
-            "connect_timeout", "remote_dir", "remote_python", "install_runtime",
-            "extra_python_packages")
+            "connect_timeout")
+RUNTIME_KEYS = ("remote_dir", "remote_python", "install_runtime", "extra_python_packages")
+# EC2 keys that are about worker VMs, not the scheduler's
+_WORKER_VM_KEYS = ("n_vms", "max_workers", "worker_processes", "instance_id",
+                   "worker_instance_type")
 
 
 def resolve(placement: str | None, scheduler_host: str | None,
@@ -63,10 +66,9 @@ def host_option_keys(placement: str) -> tuple[str, ...]:
     if placement == "aws_ec2":
         from dask_lithops.standalone.providers.aws_ec2 import EC2Provider
 
-        return tuple(k for k in dict.fromkeys(EC2Provider.keywords + SSH_KEYS)
-                     if k not in ("n_vms", "max_workers", "worker_processes", "instance_id",
-                                  "worker_instance_type"))
-    return SSH_KEYS
+        return tuple(k for k in dict.fromkeys(EC2Provider.keywords + SSH_KEYS + RUNTIME_KEYS)
+                     if k not in _WORKER_VM_KEYS)
+    return SSH_KEYS + RUNTIME_KEYS
 
 
 class SchedulerHost:
@@ -86,24 +88,26 @@ class SchedulerHost:
             raise config.ConfigError(
                 f"scheduler_options {', '.join(unknown)}: not options of scheduler="
                 f"{placement!r}; allowed: {', '.join(allowed)}")
-        ssh_given = {k: options[k] for k in SSH_KEYS if k in options}
+        runtime = config.section("standalone", **{k: options[k] for k in RUNTIME_KEYS
+                                                  if k in options})
         self.placement = placement
         self.host = None  # PreparedHost, once acquired
         if placement == "aws_ec2":
             from dask_lithops.standalone.providers.aws_ec2 import EC2Provider
 
-            ec2_kw = {k: v for k, v in options.items() if k not in SSH_KEYS or
-                      k in ("ssh_username", "ssh_key_filename")}
-            ssh = config.section("ssh", **{k: v for k, v in ssh_given.items()
-                                           if k not in ec2_kw})
+            # EC2's own ssh_username/ssh_key_filename (its key pair) win over lithops.ssh's
+            ec2_kw = {k: v for k, v in options.items() if k in EC2Provider.keywords}
+            ssh = config.section("ssh", **{k: v for k, v in options.items()
+                                           if k in SSH_KEYS and k not in ec2_kw})
             self.provider = EC2Provider.from_keywords(ssh, **ec2_kw)
             self.provider.public_ports = (DEFAULT_SCHEDULER_PORT, DEFAULT_RELAY_PORT)
         else:
             from dask_lithops.standalone.providers.ssh import SSHProvider
 
-            ssh = config.section("ssh", hosts=[scheduler_host], **ssh_given)
+            ssh = config.section("ssh", hosts=[scheduler_host],
+                                 **{k: options[k] for k in SSH_KEYS if k in options})
             self.provider = SSHProvider.from_keywords(ssh)
-        self.setup = HostSetup.from_options(ssh, worker_processes=1)
+        self.setup = HostSetup.from_options(ssh, {**runtime, "worker_processes": 1})
 
     async def acquire(self, cluster_id: str):
         from dask_lithops.standalone.ssh_transport import run_in_ssh_thread
