@@ -308,7 +308,10 @@ class GCPFunctionsBackend(FaaSBackend):
 
     # ------------------------------------------------------------------ runtimes
 
-    def build_runtime(self, runtime_name: str | None = None, *, force: bool = False, log=None):
+    def build_runtime(self, runtime_name: str | None = None, *, force: bool = False, log=None,
+                      package_sync: bool | None = None, progress=None):
+        # the platform pip-installs the pinned requirements.txt: package sync (dask's
+        # optional dependencies) is not applied here yet, only extra_packages
         from dask_lithops.serverless.backends.gcp_functions.packaging import build_source_package
 
         return build_source_package(runtime_name or self.runtime_name,
