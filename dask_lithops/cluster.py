@@ -372,7 +372,10 @@ class LithopsCluster(SpecCluster):
         from dask_lithops.runtime.local_code import LocalCodeSync
 
         self._local_code = LocalCodeSync(self)
-        await self._local_code.sync()
+        try:
+            await self._local_code.sync()
+        except ValueError as e:  # too big to ship: say so; the workers' import error names it
+            logger.warning("%s", e)
         busy = []
 
         async def rescan():
