@@ -115,6 +115,17 @@ class _Tracker(SchedulerPlugin):
                 self.cluster._on_worker_removed(name)
 
 
+def drain_on_scheduler(name: str, dask_scheduler=None) -> int:
+    """(Runs on the scheduler.) Give worker ``name`` no new tasks; return how many it runs."""
+    for ws in list(dask_scheduler.workers.values()):
+        if str(ws.name) == name:
+            if ws.status == Status.running:
+                dask_scheduler.handle_worker_status_change(
+                    Status.closing_gracefully, ws, stimulus_id=f"dask-lithops-rotate-{name}")
+            return len(ws.processing)
+    return 0
+
+
 class ServerlessCluster(LithopsCluster):
     """A Dask cluster whose workers are FaaS function invocations.
 
@@ -684,7 +695,16 @@ class ServerlessCluster(LithopsCluster):
             # 2. drain: no new tasks for the old worker; let its running ones finish
             addr = self._addresses.get(name)
             if self.remote_scheduler is not None:
-                # the scheduler is elsewhere: retire_workers drains and moves the data
+                # the scheduler is elsewhere: the same steps, run there
+                from distributed.protocol.pickle import dumps
+
+                while addr and time.monotonic() < deadline and self.status == Status.running:
+                    answer = await self.scheduler_comm.run_function(
+                        function=dumps(drain_on_scheduler), args=dumps((name,)),
+                        kwargs=dumps({}))
+                    if not (answer or {}).get("result"):
+                        break
+                    await asyncio.sleep(0.2)
                 if addr and self.status == Status.running:
                     await self.scheduler_comm.retire_workers(
                         names=[name], close_workers=True, remove=True,
