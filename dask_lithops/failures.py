@@ -308,7 +308,8 @@ class FailureMonitor(SchedulerPlugin):
 
     def fail_waiting(self, message: str | None = None, keys: list | None = None,
                      **kwargs) -> int:
-        """Fail tasks waiting for a worker (or the given keys) with ``message``."""
+        """Fail tasks waiting for a worker, or the given keys (waiting or processing),
+        with ``message``."""
         if keys is None:
             self.given_up = message
             keys = [ts.key for ts in self.scheduler.unrunnable]
@@ -344,10 +345,13 @@ class FailureMonitor(SchedulerPlugin):
         recs = {}
         for key in keys:
             ts = s.tasks.get(key)
-            if ts is None or ts.state not in ("no-worker", "queued"):
+            if ts is None or ts.state not in ("no-worker", "queued", "processing"):
                 continue
+            extra = {}
+            if ts.state == "processing":  # e.g. it outlived its worker's lifetime
+                extra["worker"] = ts.processing_on.address
             recs.update(s.transition(key, "erred", exception=exc, cause=key,
-                                     exception_text=message, stimulus_id=stimulus_id))
+                                     exception_text=message, stimulus_id=stimulus_id, **extra))
         if recs:
             s.transitions(recs, stimulus_id=stimulus_id)
         n = sum(1 for k in keys if getattr(s.tasks.get(k), "state", None) == "erred")

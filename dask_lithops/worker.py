@@ -29,6 +29,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -181,6 +182,63 @@ def _nanny_class():
     return ReportingNanny
 
 
+def _worker_class():
+    """A Worker (no nanny: FaaS) whose close does not wait for running task threads:
+    a retired worker's invocation must end at once, not when a task that outlived
+    its worker finally returns (the function's hard timeout)."""
+    from distributed import Worker
+
+    class PromptWorker(Worker):
+        async def close(self, *args, executor_wait: bool = False, **kwargs):
+            return await super().close(*args, executor_wait=executor_wait, **kwargs)
+
+    return PromptWorker
+
+
+class _MemoryWatchdog(threading.Thread):
+    """For a worker without a nanny: what the nanny's memory monitor does (terminate at
+    ``distributed.worker.memory.terminate`` of the limit), but first tell the
+    scheduler why -- a function killed by its platform for memory says nothing."""
+
+    def __init__(self, payload: LaunchPayload, security, limit: int, fraction: float):
+        super().__init__(name="dask-lithops-memory-watchdog", daemon=True)
+        self.payload, self.security = payload, security
+        self.limit, self.fraction = limit, fraction
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        proc = psutil.Process()
+        while not self.stopped.wait(0.05):
+            rss = proc.memory_info().rss
+            if rss > self.fraction * self.limit:
+                logger.error("worker %s uses %d bytes, over %.0f%% of its memory limit %d: "
+                             "terminating it", self.payload.name, rss, self.fraction * 100,
+                             self.limit)
+                report = {"name": self.payload.name, "kind": "out-of-memory", "rss": rss,
+                          "limit": self.limit, "final": True}
+                try:
+                    asyncio.run(post_report(self.payload.scheduler_address, self.security,
+                                            report, timeout=2))
+                finally:
+                    os._exit(137)
+
+
+def _memory_watchdog(payload: LaunchPayload, security) -> _MemoryWatchdog | None:
+    import dask.config
+    from dask.utils import parse_bytes
+
+    fraction = dask.config.get("distributed.worker.memory.terminate", 0.95)
+    limit = payload.memory_limit
+    if payload.nanny or not fraction or limit in (None, "auto", 0):
+        return None
+    limit = parse_bytes(limit) if isinstance(limit, str) else int(limit)
+    watchdog = _MemoryWatchdog(payload, security, limit, float(fraction))
+    watchdog.start()
+    return watchdog
+
+
 def _reset_signals_in_child() -> None:
     """A forked worker process must not share the nanny's signal handling: asyncio's
     handler writes the signal to a wakeup socket both processes share, so a SIGTERM
@@ -262,10 +320,8 @@ async def run_worker_async(payload: LaunchPayload | dict, on_ready=None) -> dict
     import dask.config
 
     with dask.config.set(_dotted(payload.config or {})), dask.config.set(_start_method(payload)):
-        from distributed import Worker
-
         kwargs = _server_kwargs(payload)
-        cls = _nanny_class() if payload.nanny else Worker
+        cls = _nanny_class() if payload.nanny else _worker_class()
         server = cls(payload.scheduler_address, **kwargs)
         await server
         address = server.worker_address if payload.nanny else server.address
@@ -286,6 +342,7 @@ async def run_worker_async(payload: LaunchPayload | dict, on_ready=None) -> dict
                 pass  # not the main thread (e.g. inside a function runtime)
         watchdog = asyncio.create_task(
             _scheduler_watchdog(server, payload, kwargs["security"]))
+        memory_watchdog = _memory_watchdog(payload, kwargs["security"])
         finished = asyncio.create_task(server.finished())
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait([finished, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -299,6 +356,8 @@ async def run_worker_async(payload: LaunchPayload | dict, on_ready=None) -> dict
             reason = "lifetime"
         watchdog.cancel()
         stopper.cancel()
+        if memory_watchdog is not None:
+            memory_watchdog.stopped.set()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.remove_signal_handler(sig)

@@ -28,6 +28,7 @@ from dask_lithops.cluster import (
     WorkerLaunchError,
     inherited_config,
 )
+from dask_lithops.failures import FAIL_WAITING_OP, PLUGIN_NAME, describe
 from dask_lithops.payload import (
     LaunchPayload,
     RuntimeMismatch,
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 BACKENDS = {"aws_lambda": "dask_lithops.serverless.backends.aws_lambda.AWSLambdaBackend"}
 MB_PER_VCPU = 1769  # Lambda: one vCPU per 1769 MB, up to 6 at 10240 MB
 _STOP_WAIT = 15.0
+LIFETIME_ATTEMPTS = 2  # workers a task may outlive before it fails (it cannot finish in time)
 _PAYLOAD_FIELDS = tuple(f.name for f in dataclasses.fields(LaunchPayload))
 
 
@@ -226,6 +228,7 @@ class ServerlessCluster(LithopsCluster):
         self._exited: dict[str, asyncio.Event] = {}
         self._exit_reports: dict[str, dict] = {}
         self._retiring: dict[str, LambdaWorker] = {}
+        self._lifetime_attempts: dict = {}  # task key -> workers it outlived
         self._rotation_task: asyncio.Task | None = None
         self._payload_template: LaunchPayload | None = None
         self.function_name: str | None = None
@@ -288,7 +291,14 @@ class ServerlessCluster(LithopsCluster):
         except reachability.SchedulerUnreachable:
             await self._close()  # nothing was invoked yet: nothing else to stop
             raise
-        self.scheduler.handlers[EXIT_REPORT_OP] = self._on_exit_report
+        monitor = self.scheduler.plugins.get(PLUGIN_NAME)
+
+        def on_exit_report(report=None, **kwargs):  # the cluster's bookkeeping, and why
+            if monitor is not None:
+                monitor.on_report(report=report)
+            self._on_exit_report(report=report)
+
+        self.scheduler.handlers[EXIT_REPORT_OP] = on_exit_report
         self.scheduler.add_plugin(_Tracker(self), name=_Tracker.name)
         self.worker_event(self.launch_payload("size-check"))  # too big: fail before invoking
         self._rotation_task = asyncio.ensure_future(self._rotation_loop())
@@ -394,35 +404,13 @@ class ServerlessCluster(LithopsCluster):
             asyncio.ensure_future(self._close_registered(name))
 
     def _on_worker_removed(self, name: str) -> None:
+        # a worker that left on its own is replaced by the base (LithopsCluster._check_down)
         self._addresses.pop(name, None)
         self.usage_tracker.ended(name, self._exit_reports.get(name))
-        if name in self.worker_spec and self.status == Status.running:
-            self._replace_lost(name)
 
-    def _replace_lost(self, name: str) -> None:
-        """A worker left on its own (crash, out of memory): keep the requested count."""
-        now = time.monotonic()
-        self._lost = [t for t in getattr(self, "_lost", []) if now - t < 60] + [now]
-        if len(self._lost) > 2 * len(self.worker_spec) + 3:
-            logger.error("workers keep failing (%d in the last minute); not replacing %s: "
-                         "see the function's logs", len(self._lost), name)
-            return
-        spec = self.worker_spec.pop(name)
-        launcher = self.workers.pop(name, None)
-        new_name = next(iter(self.new_worker_spec()))
-        self.worker_spec[new_name] = spec
-        logger.warning("worker %s left unexpectedly; starting %s instead", name, new_name)
-        if isinstance(launcher, LambdaWorker):
-            self._retiring[name] = launcher
-
-            async def _forget():
-                try:
-                    await launcher.close()
-                finally:
-                    self._retiring.pop(name, None)
-
-            asyncio.ensure_future(_forget())
-        self._correct_state()
+    def failure_limits(self) -> dict:
+        return {"memory_option": "runtime_memory", "max_memory": "10240 MB on AWS Lambda",
+                "timeout": self.timeout, "max_timeout": 900}
 
     def _on_exit_report(self, report: dict | None = None, **kwargs) -> None:
         report = report or {}
@@ -442,6 +430,9 @@ class ServerlessCluster(LithopsCluster):
             except Exception as e:
                 logger.debug("closing worker %s: %s", name, e)
 
+    def _known_dead(self) -> set[str]:
+        return {f.name for f in self.worker_failures}
+
     async def stop_worker(self, name: str) -> None:
         """Close worker ``name`` and wait until its invocation has returned."""
         registered = name in self._addresses
@@ -454,6 +445,10 @@ class ServerlessCluster(LithopsCluster):
             # its scheduler gone, and ends at once
             return
         ev = self._exited.setdefault(name, asyncio.Event())
+        if not ev.is_set() and name in self._known_dead():
+            # it crashed (its end was handled): its invocation is over, no report comes
+            self.usage_tracker.ended(name, self._exit_reports.get(name))
+            return
         try:
             await asyncio.wait_for(ev.wait(), _STOP_WAIT)
         except asyncio.TimeoutError:
@@ -503,6 +498,9 @@ class ServerlessCluster(LithopsCluster):
             while ws is not None and ws.processing and time.monotonic() < deadline and \
                     self.status == Status.running:
                 await asyncio.sleep(0.2)
+            # tasks still running now would be cut off: count it; past the bound they fail
+            if ws is not None and ws.processing and self.status == Status.running:
+                await self._tasks_outlived_worker(name, [ts.key for ts in ws.processing])
             # 3. retire: its data moves to peers, then it closes and its invocation returns
             if addr and addr in self.scheduler.workers and self.status == Status.running:
                 await self.scheduler.retire_workers(
@@ -513,6 +511,31 @@ class ServerlessCluster(LithopsCluster):
             logger.exception("rotating out worker %s failed", name)
         finally:
             self._retiring.pop(name, None)
+
+    async def _tasks_outlived_worker(self, name: str, keys: list) -> None:
+        """Tasks still running when their worker must retire are restarted on another
+        worker; a task that outlives ``LIFETIME_ATTEMPTS`` workers fails (it never ends
+        within a function's time limit) instead of being retried forever."""
+        over = []
+        for key in keys:
+            self._lifetime_attempts[key] = self._lifetime_attempts.get(key, 0) + 1
+            if self._lifetime_attempts[key] >= LIFETIME_ATTEMPTS:
+                over.append(key)
+        if not over:
+            logger.warning("worker %s retires before its function's timeout with %d tasks "
+                           "still running: they start again on another worker", name, len(keys))
+            return
+        failure = describe(name, {
+            "kind": "timeout", "timeout": self.timeout, "keys": [str(k) for k in over[:5]],
+            "error": f"(tasks still running after {LIFETIME_ATTEMPTS} workers' lifetimes of "
+                     f"{self.worker_lifetime:.0f}s each: {', '.join(map(str, over[:3]))})"},
+            mode=self.mode, limits=self.failure_limits())
+        self._record(failure)
+        try:
+            await asyncio.wait_for(getattr(self.scheduler_comm, FAIL_WAITING_OP)(
+                message=str(failure), keys=over), 10)
+        except Exception as e:
+            logger.warning("could not fail tasks %s: %s", over, e)
 
     def _warn_waiting(self, now: float) -> None:
         """Say so when invocations do not turn into workers (unreachable, or throttled)."""
