@@ -50,6 +50,12 @@ LIFETIME_ATTEMPTS = 2  # workers a task may outlive before it fails (it cannot f
 _PAYLOAD_FIELDS = tuple(f.name for f in dataclasses.fields(LaunchPayload))
 
 
+class _ProbeWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("TLS handshake failed" in text and "EOF" in text)
+
+
 class PayloadTooLarge(config.ConfigError):
     """The launch payload does not fit in an asynchronous invocation."""
 
@@ -310,9 +316,18 @@ class ServerlessCluster(LithopsCluster):
     async def _check_reachable(self) -> None:
         """Before any worker is invoked: can a function dial the scheduler and the relay?"""
         timeout = max(1.0, min(10.0, self.worker_start_timeout / 3))
-        await asyncio.get_running_loop().run_in_executor(
-            self._invoke_pool, reachability.check, self.backend, self.function_name,
-            self.dial_targets(), timeout)
+        # the probe is a bare TCP connect: the scheduler's TLS listener would warn that
+        # it closed before a handshake; that one line says nothing to the user
+        tcp_log = logging.getLogger("distributed.comm.tcp")
+        quiet = _ProbeWarningFilter()
+        tcp_log.addFilter(quiet)
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._invoke_pool, reachability.check, self.backend, self.function_name,
+                self.dial_targets(), timeout)
+            await asyncio.sleep(0.2)  # the listener notices the probe's close
+        finally:
+            tcp_log.removeFilter(quiet)
 
     async def _close(self):
         if self._rotation_task is not None:
