@@ -192,6 +192,14 @@ def describe(name: str, report: dict | None, mode: str = "", limits: dict | None
         msg = f"{who} closed itself" + (f" ({report['error']})" if report.get("error") else "")
         return WorkerFailure(name, kind, msg, "see the worker's log (cluster.get_logs())",
                              detail=detail)
+    if mode == "serverless":
+        msg = f"{who}'s invocation ended without a report" + (
+            f" ({report['error']})" if report.get("error") else "")
+        return WorkerFailure(name, "lost", msg, (
+            "see the function's logs; a function worker that ends without a word was usually "
+            "killed by its platform for memory (raise runtime_memory, or use smaller tasks: a "
+            "single allocation past the limit leaves no time to report) or time"),
+            detail=detail)
     msg = f"{who} left the cluster without saying why" + (
         f" ({report['error']})" if report.get("error") else "")
     return WorkerFailure(name, "lost", msg, "see the worker's log (cluster.get_logs())",

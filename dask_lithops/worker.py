@@ -209,56 +209,23 @@ class _MemoryWatchdog(threading.Thread):
     def run(self) -> None:
         import psutil
 
+        # RSS, as the nanny measures: a sandbox's cgroup usage also counts files in its
+        # tmpfs and page cache (an unpacked runtime), which is not the worker's memory
         proc = psutil.Process()
-        counted = _cgroup_memory_file(self.limit)  # what a platform's limit counts
-        while not self.stopped.wait(0.01):  # a growing task adds ~50 MB per 10 ms at most
-            used = proc.memory_info().rss
-            if counted is not None:
-                try:
-                    used = max(used, int(counted.read_text()))
-                except (OSError, ValueError):
-                    counted = None
-            if used > self.fraction * self.limit:
+        while not self.stopped.wait(0.01):  # a growing task adds tens of MB per 10 ms at most
+            rss = proc.memory_info().rss
+            if rss > self.fraction * self.limit:
                 logger.error("worker %s uses %d bytes, over %.0f%% of its memory limit %d: "
-                             "terminating it", self.payload.name, used, self.fraction * 100,
+                             "terminating it", self.payload.name, rss, self.fraction * 100,
                              self.limit)
                 report = {"name": self.payload.name, "kind": "out-of-memory",
-                          "reason": "out-of-memory", "rss": used, "limit": self.limit,
+                          "reason": "out-of-memory", "rss": rss, "limit": self.limit,
                           "final": True}
                 try:
                     asyncio.run(post_report(self.payload.scheduler_address, self.security,
                                             report, timeout=2))
                 finally:
                     os._exit(137)
-
-
-def _cgroup_memory_file(limit: int):
-    """This process' memory cgroup usage file (v2 or v1), when that cgroup is sized for
-    this worker (a function sandbox: its limit about ``limit``); else None -- a shared
-    cgroup (a desktop session) counts other processes too."""
-    from pathlib import Path
-
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":  # v2
-            base = Path("/sys/fs/cgroup") / path.lstrip("/")
-            usage, cap = base / "memory.current", base / "memory.max"
-        elif "memory" in controllers.split(","):
-            base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
-            usage, cap = base / "memory.usage_in_bytes", base / "memory.limit_in_bytes"
-        else:
-            continue
-        try:
-            sized = int(cap.read_text()) <= 1.25 * limit
-        except (OSError, ValueError):  # "max": no limit
-            sized = False
-        if path.strip("/") and sized and usage.exists():
-            return usage
-    return None
 
 
 def _memory_watchdog(payload: LaunchPayload, security) -> _MemoryWatchdog | None:

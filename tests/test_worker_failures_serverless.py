@@ -51,13 +51,13 @@ def task_functions():
         time.sleep(seconds)
         return value
 
-    def grow_memory(mb, step_mb=16):
+    def grow_memory(mb, step_mb=4):
         import time
 
         chunks = []
         for _ in range(mb // step_mb):
             chunks.append(b"\x01" * (step_mb * 2**20))  # touched pages: resident
-            time.sleep(0.02)
+            time.sleep(0.01)
         return sum(len(c) for c in chunks)
 
     return sleep_then, grow_memory
@@ -153,7 +153,7 @@ def client_only_module(tmp_path, monkeypatch):
 
 def test_missing_module_in_the_function_fails_with_the_fix(
         emulator, runtime_package, client_only_module):
-    cluster = make_cluster(emulator)
+    cluster = make_cluster(emulator, runtime_memory=768)  # a function of its own
     fn = cluster.function_name
     with cluster, Client(cluster) as client:
         cluster.scale(2)
