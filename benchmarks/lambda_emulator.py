@@ -108,6 +108,35 @@ def _event_rate(emu, name, sender, procs, per_proc):
     return accepted, t1 - t0, cpu
 
 
+def _cold(emu, c, name):
+    _deploy(c, name)
+    time.sleep(0.2)  # let the namespace pool refill, as between real cold starts
+    t = time.perf_counter()
+    r = c.invoke(FunctionName=name, Payload=b"{}")
+    ms = (time.perf_counter() - t) * 1000
+    rec = emu.invocation(r["ResponseMetadata"]["RequestId"])
+    assert rec.cold and rec.status == "succeeded", rec
+    return ms
+
+
+def _filesystem_cost(n, sandbox):
+    """Cold starts with and without a root of their own, interleaved (same load for both)."""
+    from dask_lithops.testing.sandbox import filesystem_unavailable
+
+    if filesystem_unavailable():
+        return
+    with LambdaEmulator(sandbox=sandbox, isolate_filesystem=True) as own, \
+            LambdaEmulator(sandbox=sandbox, isolate_filesystem=False) as shared:
+        co, cs = _client(own.endpoint_url), _client(shared.endpoint_url)
+        with_fs, without = [], []
+        for i in range(n):
+            with_fs.append(_cold(own, co, f"fs{i}"))
+            without.append(_cold(shared, cs, f"nofs{i}"))
+    a, b = statistics.median(with_fs), statistics.median(without)
+    print(f"cold invoke, own root (mount ns, /var/task, private /tmp) vs host filesystem "
+          f"(n={n}): median {a:7.1f} ms vs {b:7.1f} ms  (x{a / b:.2f})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples")
@@ -115,6 +144,7 @@ def main():
     args = ap.parse_args()
     cold_n, warm_n, procs, per_proc = (3, 50, 2, 500) if args.quick else (8, 300, 4, 1500)
     sandbox = {"auto": None, "yes": True, "no": False}[args.sandbox]
+    _filesystem_cost(cold_n * 2, sandbox)
 
     with LambdaEmulator(sandbox=sandbox, account_concurrency=100, idle_timeout=600) as emu:
         c = _client(emu.endpoint_url)

@@ -28,7 +28,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 log=$(mktemp)
 if ! { .venv/bin/python -m pip install -q --upgrade pip && \
-       .venv/bin/python -m pip install -q -e ".[all,test]"; } >"$log" 2>&1; then
+       .venv/bin/python -m pip install -q -e ".[all,test,docs]"; } >"$log" 2>&1; then
   cat "$log" >&2; rm -f "$log"
   echo "ci/setup.sh: pip install failed" >&2; exit 1
 fi

@@ -117,6 +117,24 @@ def map_lithops_config(data: Mapping) -> dict:
     return {NAMESPACE: ours}
 
 
+# Keys of Lithops' `lithops` section we read, and how its `vm` section maps onto `ssh`.
+GENERAL_KEYS = ("mode", "backend", "storage", "log_level")
+VM_SECTION_KEYS = {"hosts": ("vm.ip_address", "vm.ssh_username"),
+                   "ssh_key_filename": ("vm.ssh_key_filename",)}
+
+
+def lithops_file_keys(key: str) -> list[str]:
+    """The Lithops config-file keys that set ``key`` (as :func:`map_lithops_config` reads them)."""
+    parts = _full(key).split(".")[1:]
+    if len(parts) == 1:
+        return [f"lithops.{parts[0]}"] if parts[0] in GENERAL_KEYS else []
+    section, name = parts[0], parts[1]
+    out = [f"{section}.{'.'.join(parts[1:])}"] if section in LITHOPS_SECTIONS else []
+    if section == "ssh":
+        out += list(VM_SECTION_KEYS.get(name, ()))
+    return out
+
+
 def lithops_file_config() -> tuple[str | None, dict]:
     path = lithops_config_file()
     if path is None:

@@ -160,3 +160,29 @@ def test_config_show_cli_fails_clearly_on_bad_env():
                        capture_output=True, text=True, env=env)
     assert r.returncode != 0
     assert "lithops.localhost.nanny = 'maybe' is invalid; allowed: boolean" in r.stderr
+
+
+def test_standalone_sections_say_what_they_hold(lithops_file):
+    """lithops.ssh: SSH logins; lithops.standalone: the cluster on the hosts (and VM keys);
+    Lithops' own `standalone` and `vm` sections land there."""
+    from dask_lithops import StandaloneCluster
+
+    lithops_file("""
+        lithops:
+          backend: vm
+        vm:
+          ip_address: 10.1.2.3
+          ssh_username: ubuntu
+        standalone:
+          exec_mode: reuse
+          use_gpu: false
+    """)
+    assert config.get_with_source("ssh.hosts")[0] == ["ubuntu@10.1.2.3"]
+    assert config.get_with_source("standalone.exec_mode")[1].startswith("lithops config")
+    assert config.get("standalone.scheduler") == "auto"
+    with dask.config.set({"lithops.standalone.scheduler": "far"}):
+        with pytest.raises(ConfigError, match="lithops.standalone.scheduler = 'far' is invalid; "
+                                              "allowed: one of 'auto', 'local', 'remote'"):
+            StandaloneCluster(hosts=["root@10.1.2.3"])
+    with pytest.raises(ConfigError, match="lithops.ssh.connect_timeout = 0"):
+        StandaloneCluster(hosts=["root@10.1.2.3"], connect_timeout=0)

@@ -461,9 +461,13 @@ def test_plot_and_job_summary(fexec, tmp_path):
 # --------------------------------------------------------------------------- its own cluster
 
 
-def test_executor_starts_and_closes_its_cluster():
-    program = {"lithops": {"backend": "localhost"}, "localhost": {"worker_processes": 1}}
-    with lithops.LocalhostExecutor(config=program, dashboard_address=None) as fexec:
+def test_executor_starts_and_closes_its_cluster(tmp_path):
+    config_file = tmp_path / "lithops_config"
+    config_file.write_text("lithops:\n  backend: localhost\n  storage: localhost\n"
+                           "localhost:\n  worker_processes: 1\n")
+    with lithops.FunctionExecutor(config_file=str(config_file), dashboard_address=None) as fexec:
+        assert (fexec.mode, fexec.backend, fexec.config["lithops"]["storage"]) == (
+            "localhost", "localhost", "localhost")
         cluster = fexec.cluster
         assert len(cluster.workers) == 1
         assert fexec.get_result(fexec.map(double, [1, 2])) == [2, 4]
@@ -532,3 +536,51 @@ def test_object_iterdata_on_s3(client, moto_s3):
 
         assert fexec.get_result(fexec.map(put_and_get, [1, 2])) == ["1", "2"]
         assert st.list_keys("s3data", "out/") == ["out/1", "out/2"]
+
+
+def test_builtins_and_positional_only_parameters(fexec):
+    assert fexec.get_result(fexec.map_reduce(double, range(4), sum)) == 12
+    assert fexec.get_result(fexec.map(divmod, [(7, 2), (9, 4)])) == [(3, 1), (2, 1)]
+    assert fexec.get_result(fexec.map(abs, [-3])) == [3]
+
+
+def test_cancel_a_queued_call(fexec):
+    blockers = fexec.map(time.sleep, [2] * 4)  # every worker thread busy
+    f = fexec.call_async(double, 1)
+    f.cancel()
+    done, _ = fexec.wait([f], throw_except=False)
+    assert f.error and f.cancelled()
+    from concurrent.futures import CancelledError
+
+    with pytest.raises(CancelledError):
+        f.result()
+    fexec.wait(blockers)
+
+
+@pytest.mark.parametrize("name", [
+    "FunctionExecutor.__init__", "FunctionExecutor.call_async", "FunctionExecutor.map",
+    "FunctionExecutor.map_reduce", "FunctionExecutor.wait", "FunctionExecutor.get_result",
+    "FunctionExecutor.plot", "FunctionExecutor.clean", "FunctionExecutor.job_summary",
+    "LocalhostExecutor.__init__", "ServerlessExecutor.__init__", "StandaloneExecutor.__init__",
+    "RetryingFunctionExecutor.map", "RetryingFunctionExecutor.wait", "wait", "get_result",
+    "Storage.__init__", "Storage.get_object", "Storage.put_cloudobject", "Storage.list_objects",
+])
+def test_signatures_match_lithops(name):
+    """Lithops' own parameters, in its order, with its defaults (when lithops is installed)."""
+    import inspect
+
+    real = pytest.importorskip("lithops")
+
+    def resolve(root):
+        obj = root
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return inspect.signature(obj).parameters
+
+    theirs, ours = resolve(real), resolve(lithops)
+    ours_list = [p for p in ours.values() if p.name in theirs]
+    assert [p.name for p in ours_list] == list(theirs), name
+    for p in ours_list:
+        q = theirs[p.name]
+        assert p.kind == q.kind and (p.default == q.default or q.default is inspect.Parameter.empty
+                                     or (p.default is None and q.default == {})), (name, p, q)

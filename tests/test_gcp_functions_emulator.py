@@ -120,10 +120,21 @@ def test_deploy_invoke_through_the_front_end(gcp_functions_emulator, api):  # no
     assert body["greeting"] == "hi" and body["path"] == "/some/path"
     r2 = session.post(uri, json={"name": "again"})
     assert r2.json()["pid"] == body["pid"]  # the warm instance served it
+    if emu.filesystem_isolated:  # the client's files are not there; the source is
+        secret = f"/tmp/client-secret-{os.getpid()}"
+        with open(secret, "w") as f:
+            f.write("the client's")
+        try:
+            assert session.post(uri, json={"read": secret}).json() == \
+                {"error": "FileNotFoundError"}
+        finally:
+            os.unlink(secret)
+        assert "def handle" in session.post(uri, json={"read": "/workspace/main.py"}).json()[
+            "read"]
     recs = emu.requests("hello")
-    assert [(rec.status, rec.cold) for rec in recs] == [(200, True), (200, False)]
+    assert [(rec.status, rec.cold) for rec in recs][:2] == [(200, True), (200, False)]
     inst = [i for i in emu.instances if i.function == "hello"]
-    assert len(inst) == 1 and inst[0].requests_served == 2
+    assert len(inst) == 1 and inst[0].requests_served == len(recs)
     if emu.sandboxed:
         assert inst[0].netns and inst[0].memory_mb == 256
 
@@ -226,6 +237,41 @@ def test_max_instances_and_request_timeout(gcp_functions_emulator, api):  # noqa
 
 
 
+def test_request_concurrency_above_one_shares_an_instance(gcp_functions_emulator, api):  # noqa: F811
+    emu = gcp_functions_emulator
+    op = deploy(emu, api, "shared", maxInstanceCount=1, maxInstanceRequestConcurrency=2,
+                availableCpu="1")
+    uri = op["response"]["serviceConfig"]["uri"]
+    session = caller(emu, uri)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        two = [pool.submit(session.post, uri, json={"sleep": 2}) for _ in range(2)]
+        time.sleep(1)
+        third = session.post(uri, json={})  # two slots on the one instance are taken
+        assert third.status_code == 429, third.text
+        pids = {f.result().json()["pid"] for f in two}
+    assert len(pids) == 1  # both ran side by side in one instance
+
+
+def test_instance_that_cannot_start_fails_the_request_with_its_error(gcp_functions_emulator,
+                                                                      api):  # noqa: F811
+    emu = gcp_functions_emulator
+    code = source_zip(main="import no_such_module_zz\n\ndef handle(request):\n    return 'x'\n")
+    op = deploy(emu, api, "broken-main")
+    assert "error" not in op  # the build installs requirements; importing main.py is at start
+    patch = api.post(f"{emu.endpoint_url}/v2/{PARENT}/functions:generateUploadUrl", json={})
+    up = patch.json()
+    requests.put(up["uploadUrl"], data=code, headers={"content-type": "application/zip"})
+    r = api.patch(f"{emu.endpoint_url}/v2/{PARENT}/functions/broken-main",
+                  params={"updateMask": "buildConfig.source"},
+                  json={"buildConfig": {"source": {"storageSource": up["storageSource"]}}})
+    assert r.status_code == 200, r.text
+    assert "error" not in wait(emu, api, r.json())
+    uri = op["response"]["serviceConfig"]["uri"]
+    r = caller(emu, uri).post(uri, json={})
+    assert r.status_code == 500 and "failed to start" in r.text, r.text
+    assert "No module named 'no_such_module_zz'" in r.text
+
+
 def test_memory_limit(gcp_functions_emulator, api):  # noqa: F811
     emu = gcp_functions_emulator
     op = deploy(emu, api, "hog", timeoutSeconds=30)
@@ -286,3 +332,38 @@ def test_cli_starts_and_stops_the_emulator(tmp_path):
         rest = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0 and "emulator stopped" in rest
     assert not os.path.exists(key)
+
+
+def test_stop_leaves_no_instance_namespace_or_directory(tmp_path):
+    import subprocess
+
+    from dask_lithops.testing.gcp_functions_emulator import CloudFunctionsEmulator
+
+    emu = CloudFunctionsEmulator(log_dir=tmp_path).start()
+    try:
+        creds = service_account.Credentials.from_service_account_file(
+            str(emu.credentials_file), scopes=SCOPES)
+        op = deploy(emu, gtr.AuthorizedSession(creds), "leak")
+        uri = op["response"]["serviceConfig"]["uri"]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(caller(emu, uri).post, uri, json={"sleep": 20})
+            deadline = time.monotonic() + 30
+            while not [i for i in emu.instances if i.in_flight and i.pid]:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            made = emu.resources()
+            pids = [i.pid for i in emu.instances]
+            emu.stop()  # with a request in flight
+            assert busy.result().status_code >= 500
+    finally:
+        emu.stop()
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}")
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(ns in netns for ns in made["namespaces"])
+    if made["bridge"]:
+        assert subprocess.run(["ip", "link", "show", made["bridge"]],
+                              capture_output=True).returncode != 0
+    assert not os.path.exists(made["workdir"])
+    if made["cgroup"]:
+        assert not os.path.exists(made["cgroup"])

@@ -229,6 +229,10 @@ class FunctionExecutor:
                                     f"cluster ({self.backend})") from None
                 raise
         self._owns_cluster = True
+        if self.mode != "localhost" and not self._cluster.worker_spec:
+            # No worker count given: as Lithops invokes a function per call, let the
+            # cluster grow with the work (up to the backend's max_workers) and shrink after.
+            self._cluster.adapt(minimum=0, maximum=getattr(self._cluster, "max_workers", None) or 1000)
         try:
             self._client = Client(self._cluster)
         except BaseException:
@@ -434,9 +438,11 @@ class FunctionExecutor:
     def wait(self, fs=None, throw_except: bool = True, return_when: int = ALL_COMPLETED,
              download_results: bool = False, timeout: int | None = None,
              threadpool_size: int = THREADPOOL_SIZE, wait_dur_sec: int | None = None,
-             show_progressbar: bool = True) -> tuple[FuturesList, FuturesList]:
+             show_progressbar: bool = True, clean_jobs: bool | None = None
+             ) -> tuple[FuturesList, FuturesList]:
         """``(fs_done, fs_notdone)`` once ``return_when`` of ``fs`` (default: all of this
-        executor's futures) have completed; see :func:`dask_lithops.wait`."""
+        executor's futures) have completed; see :func:`dask_lithops.wait`.  ``clean_jobs``
+        is accepted (Lithops' temporary job data does not exist here)."""
         futures = fs or self.futures
         if isinstance(futures, ResponseFuture):
             futures = [futures]

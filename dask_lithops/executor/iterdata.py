@@ -22,14 +22,12 @@ def format_data(iterdata, extra_args) -> list:
     """A list of call inputs, with ``extra_args`` appended to (or merged into) each."""
     from dask_lithops.executor.future import FuturesList
 
-    if isinstance(iterdata, (range, set, frozenset)) or inspect.isgenerator(iterdata):
-        data = list(iterdata)
-    elif isinstance(iterdata, (list, FuturesList)):
+    if isinstance(iterdata, (list, FuturesList)):
         data = iterdata
-    elif isinstance(iterdata, (str, bytes, dict, tuple)) or not hasattr(iterdata, "__iter__"):
+    elif isinstance(iterdata, (range, set, frozenset)) or hasattr(iterdata, "__next__"):
+        data = list(iterdata)  # ranges, sets, generators and other iterators: their items
+    else:  # as in Lithops, anything else (a dict, a tuple, an array...) is one call's input
         data = [iterdata]
-    else:  # other iterables (map objects, dict views, numpy arrays...) as their items
-        data = list(iterdata)
     if not extra_args:
         return list(data)
     out = []
@@ -80,8 +78,12 @@ def verify_args(func: Callable, iterdata, extra_args) -> list[dict]:
                 if p.default is inspect.Parameter.empty
                 and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
     fname = getattr(func, "__name__", type(func).__name__)
+    single = _single_value_param(params)
     out = []
     for i, elem in enumerate(data):
+        if single is not None and not isinstance(elem, (tuple, dict)):
+            out.append({single: elem})  # what bind() would give, without its cost per call
+            continue
         if isinstance(elem, dict):
             missing = [n for n in required if n not in elem]
             unknown = [] if has_var_kw else [k for k in elem if k not in params]
@@ -101,18 +103,32 @@ def verify_args(func: Callable, iterdata, extra_args) -> list[dict]:
     return out
 
 
+def _single_value_param(params) -> str | None:
+    """The parameter a lone value binds to, when binding it can never fail."""
+    items = list(params.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if not items or items[0].kind not in positional or items[0].kind is inspect.Parameter.POSITIONAL_ONLY:
+        return None
+    for p in items[1:]:
+        if p.default is inspect.Parameter.empty and p.kind in (
+                inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                inspect.Parameter.KEYWORD_ONLY):
+            return None
+    return items[0].name
+
+
 def call_layout(func: Callable) -> tuple | None:
     """How a call's dict maps onto ``func``'s parameters, computed once per job.
 
-    ``(var_positional_name, var_keyword_name, names_before_var_positional)``, or None
-    when ``func`` has no inspectable signature.
+    ``(var_positional_name, var_keyword_name, names_before_var_positional,
+    positional_only_names)``, or None when ``func`` has no inspectable signature.
     """
     try:
         params = inspect.signature(func).parameters
     except (TypeError, ValueError):
         return None
     var_pos = var_kw = None
-    before = []
+    before, positional_only = [], []
     for name, p in params.items():
         if p.kind is inspect.Parameter.VAR_POSITIONAL:
             var_pos = name
@@ -120,7 +136,9 @@ def call_layout(func: Callable) -> tuple | None:
             var_kw = name
         elif var_pos is None:
             before.append(name)
-    return var_pos, var_kw, tuple(before)
+            if p.kind is inspect.Parameter.POSITIONAL_ONLY:
+                positional_only.append(name)
+    return var_pos, var_kw, tuple(before), tuple(positional_only)
 
 
 def call_arguments(layout: tuple | None, data: dict) -> tuple[tuple, dict]:
@@ -129,12 +147,18 @@ def call_arguments(layout: tuple | None, data: dict) -> tuple[tuple, dict]:
         return tuple(data["__args__"]), {k: v for k, v in data.items() if k != "__args__"}
     if layout is None:
         return (), dict(data)
-    var_pos, var_kw, before = layout
+    var_pos, var_kw, before, positional_only = layout
     kwargs = dict(data)
     args = tuple(kwargs.pop(var_pos, ()) or ()) if var_pos else ()
     extra = (kwargs.pop(var_kw, None) or {}) if var_kw else {}
-    if args:  # parameters before *args must then be passed positionally too
-        args = tuple(kwargs.pop(n) for n in before if n in kwargs) + args
+    # positional-only parameters (builtins such as sum) go by position, and so do all those
+    # before *args when it has values
+    lead = []
+    for name in before if args else positional_only:
+        if name not in kwargs:
+            break
+        lead.append(kwargs.pop(name))
+    args = tuple(lead) + args
     kwargs.update(extra)
     return args, kwargs
 

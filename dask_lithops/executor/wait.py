@@ -7,6 +7,7 @@ per client (one request for a whole map, not one per call).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -168,7 +169,7 @@ def wait(fs, internal_storage=None, job_monitor=None, throw_except=True, return_
             try:
                 with _seceded():
                     _block(fs, return_when, download_results, deadline, progress)
-            except TimeoutError:
+            except (TimeoutError, asyncio.TimeoutError):  # distinct classes on Python 3.10
                 raise TimeoutError(
                     f"Timeout of {timeout} seconds exceeded waiting for function activations to "
                     f"finish ({len(fs) - _finished_count(fs, download_results)} of {len(fs)} not done; "

@@ -32,6 +32,8 @@ from .ssh_transport import run_in_ssh_thread
 
 logger = logging.getLogger(__name__)
 
+SSH_KEYWORDS = ("hosts", "ssh_username", "ssh_key_filename", "known_hosts", "trust_unknown_hosts",
+                "connect_timeout")  # lithops.ssh; the other keywords are lithops.standalone's
 SCHEDULER_HOST = -1  # host index of a provider's own scheduler host (aws_ec2: the master VM)
 
 
@@ -50,12 +52,18 @@ class StandaloneCluster(LithopsCluster):
     ``hosts`` given, ``aws_ec2`` creates, reuses or consumes EC2 VMs.  Every
     host is then prepared and run the same way.
 
+    Keywords fall back to ``lithops.ssh.*`` (SSH logins: ``hosts``,
+    ``ssh_username``, ``ssh_key_filename``, ``known_hosts``,
+    ``trust_unknown_hosts``, ``connect_timeout``) and ``lithops.standalone.*``
+    (everything else; the VM keys too); a VM backend's own keys to its section
+    (``lithops.aws_ec2.*``).
+
     Parameters
     ----------
     backend: "ssh" or "aws_ec2"
     hosts: list of str
-        ``ssh``: ``user@host:port`` entries (``lithops.ssh.hosts``; user defaults to
-        ``lithops.ssh.ssh_username`` or the local user, port to 22).
+        ``ssh``: ``user@host:port`` entries (user defaults to ``ssh_username``
+        or the local user, port to 22).
     worker_processes: int or "AUTO"
         Worker processes per host (Lithops' key); ``AUTO`` = the host's cores.
     threads_per_worker: int
@@ -124,22 +132,18 @@ class StandaloneCluster(LithopsCluster):
             raise config.ConfigError(f"{', '.join(sorted(others))}: not options of backend "
                                      f"{backend!r}; allowed backends for them: "
                                      f"{', '.join(n for n in BACKENDS if others & set(provider_class(n).keywords))}")  # noqa: E501
-        opts = config.section("ssh", **given)
-        provider = provider_cls.from_keywords(opts, **backend_kw)  # validates; no I/O
-        section = "ssh"
+        ssh = config.section("ssh", **{k: given.pop(k) for k in SSH_KEYWORDS if k in given})
+        opts = config.section("standalone", **given)
+        provider = provider_cls.from_keywords(ssh, **backend_kw)  # validates; no I/O
         if provider.worker_processes is not None:
-            opts["worker_processes"], section = provider.worker_processes, provider.name
-        wp = opts["worker_processes"]
-        if wp is not None and str(wp).upper() != "AUTO" and (not str(wp).isdigit() or int(wp) < 1):
-            raise config.ConfigError(f"lithops.{section}.worker_processes = {wp!r} is invalid; "
-                                     "allowed: integer >= 1 or AUTO")
+            opts["worker_processes"] = provider.worker_processes
         if n_hosts is not None and not 0 <= n_hosts <= provider.initial:
             raise config.ConfigError(f"n_hosts = {n_hosts!r} is invalid; allowed: 0.."
                                      f"{provider.initial}")
         self.backend = provider.name
         self.provider = provider
         self.name_prefix = provider.name_prefix
-        self.ssh_options = opts
+        self.standalone_options = opts
         self.scheduler_placement = opts["scheduler"]
         self.stop_grace = float(opts["stop_grace"])
         self._initial_hosts = provider.initial if n_hosts is None else n_hosts
@@ -150,7 +154,7 @@ class StandaloneCluster(LithopsCluster):
         self._grows: set[asyncio.Task] = set()
         self._used: set[int] = set()            # hosts given workers (released when they lose them)
         self._scheduler_host: PreparedHost | None = None  # a remote scheduler's own host, if any
-        self._setup = HostSetup.from_options(opts)
+        self._setup = HostSetup.from_options(ssh, opts)
         self._runtime_spec = self._setup.runtime_spec
         kwargs.setdefault("n_workers", 0)
         super().__init__(threads_per_worker=opts["threads_per_worker"] or 1,
@@ -299,7 +303,7 @@ class StandaloneCluster(LithopsCluster):
         return {}
 
     def _processes_per_new_host(self) -> int:
-        wp = self.ssh_options["worker_processes"]
+        wp = self.standalone_options["worker_processes"]
         if wp is not None and str(wp).upper() != "AUTO":
             return int(wp)
         return max((h.processes for h in self._host_states.values()), default=1)

@@ -118,14 +118,13 @@ class HostSetup:
     worker_processes: int | str | None = "AUTO"
 
     @classmethod
-    def from_options(cls, options: dict, worker_processes=None) -> HostSetup:
-        """From resolved ``lithops.ssh``-style options (``ssh_key_filename``, ``remote_dir``, ...)."""
-        return cls(connect_defaults(options),
-                   client_runtime(options.get("extra_python_packages") or ()),
-                   remote_dir=options["remote_dir"], remote_python=options["remote_python"],
-                   install_runtime=bool(options["install_runtime"]),
-                   worker_processes=options.get("worker_processes")
-                   if worker_processes is None else worker_processes)
+    def from_options(cls, ssh: dict, standalone: dict) -> HostSetup:
+        """From resolved ``lithops.ssh`` and ``lithops.standalone`` options."""
+        return cls(connect_defaults(ssh),
+                   client_runtime(standalone.get("extra_python_packages") or ()),
+                   remote_dir=standalone["remote_dir"], remote_python=standalone["remote_python"],
+                   install_runtime=bool(standalone["install_runtime"]),
+                   worker_processes=standalone.get("worker_processes"))
 
     def prepare(self, spec: HostSpec, index: int = 0,
                 reach_port: int | None = None) -> PreparedHost:

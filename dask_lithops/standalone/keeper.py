@@ -1,11 +1,10 @@
-"""The dismantle keeper: runs on every VM dask-lithops creates, stops it when orphaned.
+"""The dismantle keeper: runs on every VM dask-lithops creates, dismantles it when orphaned.
 
-    python3 keeper.py --config /etc/dask-lithops/keeper.json [--root DIR]
+    python3 keeper.py --config /etc/dask-lithops/keeper.json --dismantle dismantle.py [--root DIR]
 
-Standard library only (it starts at boot from EC2 user data, before any
+Standard library only (it starts at boot from the user data, before any
 runtime exists on the VM).  Every ``interval`` seconds it reads the heartbeat
-file the cluster refreshes over SSH while it lives; it dismantles its own
-instance (StopInstances, or TerminateInstances when ``delete_on_dismantle``)
+file the cluster refreshes over SSH while it lives; it dismantles its own VM
 once the heartbeat is older than ``soft_dismantle_timeout`` -- or, with no
 heartbeat since this boot, that long after it started -- and always
 ``hard_dismantle_timeout`` after it started.  So a client killed with SIGKILL
@@ -14,116 +13,43 @@ leaves no VM running past the soft timeout.
 The heartbeat file (JSON) may override the timeouts and ``delete_on_dismantle``
 for the cluster currently using the VM (a reused VM keeps its first user data).
 
-Instance id: ``<root>/var/lib/cloud/data/instance-id`` (written by cloud-init),
-else the instance metadata service (IMDSv2).  Credentials: the environment
-(``AWS_ACCESS_KEY_ID``...), else the instance role through IMDSv2 -- give the
-VM an ``instance_role`` allowing ``ec2:StopInstances``/``ec2:TerminateInstances``
-on itself.  The EC2 call is a SigV4-signed Query API request; no secret is
-ever logged.
+Dismantling is the cloud's call: ``dismantle(config, delete, root)`` of the
+backend's module (``--dismantle``, e.g.
+:mod:`dask_lithops.standalone.providers.aws_ec2.dismantle`), with the
+``cloud`` section of the config; it is retried until it succeeds (a running
+orphan is billed).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import hashlib
-import hmac
+import importlib.util
 import json
 import logging
 import os
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
+from collections.abc import Callable
 
 logger = logging.getLogger("dask_lithops.keeper")
 
-IMDS = "http://169.254.169.254"
-EC2_API_VERSION = "2016-11-15"
 DEFAULTS = {"soft_dismantle_timeout": 300.0, "hard_dismantle_timeout": 3600.0,
-            "delete_on_dismantle": False, "interval": 1.0, "region": "us-east-1",
-            "endpoint_url": None, "heartbeat_file": None}
+            "delete_on_dismantle": False, "interval": 1.0, "heartbeat_file": None, "cloud": {}}
 
 
-# -- instance metadata and credentials ---------------------------------------------------------
-def _imds_get(path: str, timeout: float = 2.0) -> str:
-    req = urllib.request.Request(f"{IMDS}/latest/api/token", method="PUT",
-                                 headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"})
-    token = urllib.request.urlopen(req, timeout=timeout).read().decode()
-    req = urllib.request.Request(f"{IMDS}/latest/{path}",
-                                 headers={"X-aws-ec2-metadata-token": token})
-    return urllib.request.urlopen(req, timeout=timeout).read().decode()
-
-
-def instance_id(root: str = "") -> str:
-    path = os.path.join(root or "/", "var/lib/cloud/data/instance-id")
-    try:
-        with open(path) as f:
-            value = f.read().strip()
-        if value and value != "iid-datasource-none":
-            return value
-    except OSError:
-        pass
-    return _imds_get("meta-data/instance-id")
-
-
-def credentials() -> dict:
-    """{access_key, secret_key, token}: the environment, else the instance role."""
-    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        return {"access_key": os.environ["AWS_ACCESS_KEY_ID"],
-                "secret_key": os.environ["AWS_SECRET_ACCESS_KEY"],
-                "token": os.environ.get("AWS_SESSION_TOKEN")}
-    role = _imds_get("meta-data/iam/security-credentials/").strip().splitlines()[0]
-    data = json.loads(_imds_get(f"meta-data/iam/security-credentials/{role}"))
-    return {"access_key": data["AccessKeyId"], "secret_key": data["SecretAccessKey"],
-            "token": data.get("Token")}
-
-
-# -- a SigV4-signed EC2 Query API call ---------------------------------------------------------
-def _sign(key: bytes, msg: str) -> bytes:
-    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
-
-
-def ec2_call(action: str, params: dict, region: str, endpoint_url: str | None,
-             creds: dict, timeout: float = 20.0) -> str:
-    endpoint = endpoint_url or f"https://ec2.{region}.amazonaws.com"
-    url = urllib.parse.urlsplit(endpoint)
-    host = url.netloc
-    path = url.path or "/"
-    body = urllib.parse.urlencode({"Action": action, "Version": EC2_API_VERSION, **params})
-    now = datetime.datetime.now(datetime.timezone.utc)
-    amz_date, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
-    headers = {"content-type": "application/x-www-form-urlencoded; charset=utf-8",
-               "host": host, "x-amz-date": amz_date}
-    if creds.get("token"):
-        headers["x-amz-security-token"] = creds["token"]
-    signed = ";".join(sorted(headers))
-    canonical = "\n".join(["POST", path, "",
-                           "".join(f"{k}:{headers[k]}\n" for k in sorted(headers)), signed,
-                           hashlib.sha256(body.encode()).hexdigest()])
-    scope = f"{day}/{region}/ec2/aws4_request"
-    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
-                         hashlib.sha256(canonical.encode()).hexdigest()])
-    k = _sign(("AWS4" + creds["secret_key"]).encode(), day)
-    for part in (region, "ec2", "aws4_request"):
-        k = _sign(k, part)
-    signature = hmac.new(k, to_sign.encode(), hashlib.sha256).hexdigest()
-    headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={creds['access_key']}/{scope}, "
-                                f"SignedHeaders={signed}, Signature={signature}")
-    req = urllib.request.Request(endpoint, data=body.encode(), method="POST",
-                                 headers={k: v for k, v in headers.items() if k != "host"})
-    try:
-        return urllib.request.urlopen(req, timeout=timeout).read().decode()
-    except urllib.error.HTTPError as e:
-        detail = e.read().decode(errors="replace")[:500]
-        raise RuntimeError(f"EC2 {action} failed: HTTP {e.code}: {detail}") from None
+def load_dismantle(path: str) -> Callable[[dict, bool, str], str]:
+    """``dismantle(config, delete, root)`` of the backend's module file at ``path``."""
+    spec = importlib.util.spec_from_file_location("dask_lithops_dismantle", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.dismantle
 
 
 # -- the keeper --------------------------------------------------------------------------------
 class Keeper:
-    def __init__(self, cfg: dict, root: str = ""):
+    def __init__(self, cfg: dict, dismantle: Callable[[dict, bool, str], str], root: str = ""):
         self.cfg = {**DEFAULTS, **cfg}
+        self.cloud_dismantle = dismantle
         self.root = root
         self.started_wall = time.time()
         self.started = time.monotonic()
@@ -174,16 +100,13 @@ class Keeper:
         return None
 
     def dismantle(self, reason: str) -> None:
-        eff = self.effective()
-        action = "TerminateInstances" if eff["delete_on_dismantle"] else "StopInstances"
+        delete = bool(self.effective()["delete_on_dismantle"])
         delay = 1.0
         while True:
             try:
-                iid = instance_id(self.root)
-                logger.warning("dismantling %s (%s): %s", iid, action, reason)
-                ec2_call(action, {"InstanceId.1": iid}, eff["region"], eff["endpoint_url"],
-                         credentials())
-                logger.warning("%s %s requested", action, iid)
+                logger.warning("dismantling (%s): %s", "terminate" if delete else "stop", reason)
+                done = self.cloud_dismantle(self.cfg["cloud"], delete, self.root)
+                logger.warning("%s requested", done)
                 return
             except Exception as e:  # keep trying: a running orphan is billed
                 logger.error("dismantle failed (retrying in %.0fs): %s", delay, e)
@@ -206,13 +129,14 @@ class Keeper:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dask-lithops keeper")
     parser.add_argument("--config", required=True)
+    parser.add_argument("--dismantle", required=True, help="the backend's dismantle module")
     parser.add_argument("--root", default=os.environ.get("DASK_LITHOPS_VM_ROOT", ""))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s keeper %(levelname)s %(message)s")
     with open(args.config) as f:
         cfg = json.load(f)
-    Keeper(cfg, root=args.root).run()
+    Keeper(cfg, load_dismantle(args.dismantle), root=args.root).run()
     return 0
 
 

@@ -13,11 +13,13 @@ emulator's thread pool, never on its event loop.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -247,6 +249,79 @@ class SandboxPool:
 # ---------------------------------------------------------------- environment
 
 
+#: the system's directories a private root shows (read-only); symlinks among them are copied
+SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc")
+
+
+def filesystem_unavailable() -> str | None:
+    """Why processes cannot get a private root here (None when they can)."""
+    if os.geteuid() != 0:
+        return "not root"
+    return None
+
+
+@dataclass
+class Filesystem:
+    """What a confined process sees instead of this machine's files.
+
+    A private mount namespace whose root is ``skeleton`` (read-only): the system's
+    ``/usr``, ``/bin``, ``/lib*``, ``/etc`` bound read-only, ``binds`` (path inside ->
+    host directory, read-only), a private tmpfs ``/tmp`` of ``tmp_mb``, ``/dev`` with
+    a private ``/dev/shm``, ``/proc`` and ``/sys``; ``masks`` (paths inside) are
+    covered by empty directories.  The process runs as ``user`` ("uid:gid") in
+    ``cwd``, so the client's files -- its ``/tmp``, home and project directories --
+    are not there.  Mounts live and die with the process's mount namespace; the
+    host sees only the skeleton (empty mount points and the system's symlinks),
+    made once per emulator and shared by its processes.
+    """
+
+    skeleton: Path
+    binds: dict
+    cwd: str
+    user: str
+    tmp_mb: int = 512
+    masks: tuple = ()
+
+    def __post_init__(self):
+        system = {f"/{d}": f"/{d}" for d in SYSTEM_DIRS
+                  if os.path.isdir(f"/{d}") and not os.path.islink(f"/{d}")}
+        self.binds = {**system, **self.binds}
+        self._make_skeleton()
+
+    def _make_skeleton(self) -> None:
+        self.skeleton.mkdir(parents=True, exist_ok=True)
+        for d in SYSTEM_DIRS:
+            link = self.skeleton / d
+            if os.path.islink(f"/{d}") and not os.path.islink(link):
+                try:
+                    os.symlink(os.readlink(f"/{d}"), link)
+                except FileExistsError:  # another thread made it
+                    pass
+        for inside in [*self.binds, "/tmp", "/proc", "/dev", "/sys"]:
+            (self.skeleton / inside.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.skeleton, 0o755)
+
+    def wrap(self, command: list[str]) -> list[str]:
+        spec = {"root": str(self.skeleton), "binds": [[str(h), i] for i, h in self.binds.items()],
+                "masks": list(self.masks), "tmp_mb": self.tmp_mb, "user": self.user,
+                "cwd": self.cwd, "command": list(command)}
+        python = getattr(sys, "_base_executable", None) or sys.executable
+        return [python, "-I", "-S", str(Path(__file__).with_name("enter_root.py")),
+                json.dumps(spec)]
+
+
+def interpreter_binds(python_home: str | None = None) -> tuple[dict, tuple]:
+    """The base interpreter's installation, for :class:`Filesystem`: (binds, masks).
+
+    A venv's ``bin/python`` links to the base interpreter, which must stay reachable
+    inside; its own site-packages (the client's installed packages) are masked.
+    """
+    prefix = python_home or sys.base_prefix
+    site = f"{prefix}/lib/python{sys.version_info.major}.{sys.version_info.minor}/site-packages"
+    binds = {} if prefix.startswith("/usr") else {prefix: prefix}
+    return binds, (site,)
+
+
 @dataclass
 class ProcessHandle:
     """What starting one environment made; everything needed to tear it down."""
@@ -263,8 +338,9 @@ class ProcessHandle:
 
 def start_process(command: list[str], *, env: dict, cwd: str, memory_mb: int,
                   netns: NetnsHost | None, cgroups: CgroupV1Memory | None, name: str,
-                  tmpdir: Path | None) -> ProcessHandle:
-    """Start ``command`` confined to ``memory_mb`` (cgroup, else RLIMIT_AS) inside ``netns``."""
+                  tmpdir: Path | None, filesystem: Filesystem | None = None) -> ProcessHandle:
+    """Start ``command`` confined to ``memory_mb`` (cgroup, else RLIMIT_AS) inside ``netns``,
+    seeing ``filesystem`` (paths in ``command`` and ``cwd`` are then paths inside it)."""
     limit = memory_mb * 1024 * 1024
     cgroup = None
     if cgroups is not None:
@@ -281,6 +357,8 @@ def start_process(command: list[str], *, env: dict, cwd: str, memory_mb: int,
         prefix = ["/bin/sh", "-c", script, str(kb)]
         memory_mode = "rlimit-as"
     # the wrapper runs on the host side: ``ip netns exec`` remounts /sys, hiding cgroupfs
+    if filesystem is not None:
+        command, cwd = filesystem.wrap(command), "/"
     args = prefix + (netns.command(command) if netns is not None else list(command))
     try:
         proc = subprocess.Popen(
@@ -365,6 +443,104 @@ def exit_description(returncode: int) -> str:
     return f"exit status {returncode}"
 
 
+# ----------------------------------------------------------- host firewall
+
+
+class HostFirewall:
+    """An nftables table that stops a bridge's namespaces from reaching this host.
+
+    Connections from the bridge to any address of this machine are dropped except
+    to the ``(address, port)`` pairs allowed (a cloud's own endpoints: the Runtime
+    API, the control API, the test world's AWS endpoints).  Traffic the host routes
+    on to other namespaces ("the internet") is forwarded, not input, and passes.
+    """
+
+    def __init__(self, bridge: Bridge, tag: str):
+        self.bridge = bridge
+        self.table = f"dask_lithops_host_{tag}"
+        self.created = False
+
+    def _nft(self, script: str) -> None:
+        subprocess.run(["nft", "-f", "-"], input=script, text=True, check=True,
+                       capture_output=True)
+
+    def create(self) -> HostFirewall:
+        self._nft(f"""
+table inet {self.table} {{
+    set allowed {{ type ipv4_addr . inet_service; }}
+    chain input {{
+        type filter hook input priority -10; policy accept;
+        iifname "{self.bridge.name}" ct state established,related accept
+        iifname "{self.bridge.name}" ip daddr . tcp dport @allowed accept
+        iifname "{self.bridge.name}" drop
+    }}
+}}
+""")
+        self.created = True
+        return self
+
+    def allow(self, address: str, port: int) -> None:
+        self._nft(f"add element inet {self.table} allowed {{ {address} . {int(port)} }}\n")
+
+    def disallow(self, address: str, port: int) -> None:
+        try:
+            self._nft(f"delete element inet {self.table} allowed {{ {address} . {int(port)} }}\n")
+        except subprocess.CalledProcessError:
+            pass
+
+    def delete(self) -> None:
+        if self.created:
+            subprocess.run(["nft", "delete", "table", "inet", self.table], capture_output=True)
+            self.created = False
+
+
+class TcpForwarder:
+    """Forward connections from ``listen_host`` (a port of its own) to ``target``.
+
+    Runs on an asyncio loop.  It makes a loopback-only service of the test world
+    (moto) reachable from the sandboxes at the bridge's gateway, without binding
+    that service to every interface of the machine.
+    """
+
+    def __init__(self, listen_host: str, target: tuple[str, int]):
+        self.listen_host, self.target = listen_host, target
+        self.port = 0
+        self._server = None
+
+    async def start(self) -> TcpForwarder:
+        import asyncio
+
+        self._server = await asyncio.start_server(self._handle, self.listen_host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader, writer) -> None:
+        import asyncio
+
+        try:
+            up_r, up_w = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(r, w):
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                w.close()
+
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+
 # ------------------------------------------------------------ one emulator's
 
 
@@ -376,6 +552,8 @@ class Sandboxes:
 
     ``inbound_ports``: TCP ports of each namespace the host (the bridge's gateway) may
     connect to (a front end reaching its instances); nothing else gets in.
+    ``host_reachable=False`` (needs the network sandboxes) drops every connection from
+    the sandboxes to this host except to the endpoints :meth:`allow` names.
     ``requested``: ``True`` requires network sandboxes (outbound-only namespaces on
     a bridge of their own), ``False`` never makes them, ``None`` makes them when
     the machine can and warns once (per ``what``) when it cannot.  The memory limit
@@ -383,9 +561,11 @@ class Sandboxes:
     """
 
     def __init__(self, tag: str, requested: bool | None = None, prewarm: int = 2,
-                 what: str = "emulator", inbound_ports: tuple = ()):
+                 what: str = "emulator", inbound_ports: tuple = (), host_reachable: bool = True):
         self.tag, self.requested, self.prewarm, self.what = tag, requested, prewarm, what
         self.inbound_ports = tuple(inbound_ports)
+        self.host_reachable = host_reachable
+        self.firewall: HostFirewall | None = None
         self.sandboxed = False
         self.reason: str | None = None
         self.host_address = "127.0.0.1"
@@ -395,8 +575,10 @@ class Sandboxes:
 
     def open(self) -> Sandboxes:
         reason = sandbox_unavailable() if self.requested is not False else "sandbox=False"
-        if self.requested and reason:
-            raise RuntimeError(f"the {self.what} cannot sandbox environments here: {reason}")
+        if (self.requested or not self.host_reachable) and reason:
+            why = "" if self.requested else " (host_reachable=False needs the network sandbox)"
+            raise RuntimeError(f"the {self.what} cannot sandbox environments here{why}: "
+                               f"{reason}")
         self.sandboxed = reason is None
         self.reason = reason
         if not self.sandboxed and self.requested is None and self.what not in _unsandboxed_warned:
@@ -410,6 +592,8 @@ class Sandboxes:
                 self.host_address = self.bridge.gateway
                 self.pool = SandboxPool(self.bridge, prewarm=self.prewarm,
                                         inbound_ports=self.inbound_ports)
+                if not self.host_reachable:
+                    self.firewall = HostFirewall(self.bridge, self.tag).create()
         except BaseException:
             self.close()
             raise
@@ -419,18 +603,28 @@ class Sandboxes:
     def memory_limit_mode(self) -> str:
         return "cgroup-v1" if self.cgroups is not None else "rlimit-as"
 
+    def allow(self, address: str, port: int) -> None:
+        """Let the sandboxes reach ``address:port`` on this host (host_reachable=False)."""
+        if self.firewall is not None:
+            self.firewall.allow(address, port)
+
+    def disallow(self, address: str, port: int) -> None:
+        if self.firewall is not None:
+            self.firewall.disallow(address, port)
+
     def refill(self) -> None:
         """Make namespaces ahead of need (blocking; run it in a thread pool)."""
         if self.pool is not None:
             self.pool.refill()
 
     def start(self, command: list[str], *, env: dict, cwd: str, memory_mb: int, name: str,
-              tmpdir: Path | None = None) -> ProcessHandle:
+              tmpdir: Path | None = None, filesystem: Filesystem | None = None) -> ProcessHandle:
         """Start one confined process (blocking); ``tmpdir`` is removed at teardown."""
         ns = self.pool.acquire() if self.pool is not None else None
         try:
             return start_process(command, env=env, cwd=cwd, memory_mb=memory_mb, netns=ns,
-                                 cgroups=self.cgroups, name=name, tmpdir=tmpdir)
+                                 cgroups=self.cgroups, name=name, tmpdir=tmpdir,
+                                 filesystem=filesystem)
         except Exception:
             if ns is not None:
                 self.pool.destroy(ns)
@@ -445,6 +639,8 @@ class Sandboxes:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
+        if self.firewall is not None:
+            self.firewall.delete()
         if self.bridge is not None:
             self.bridge.delete()
         if self.cgroups is not None:

@@ -76,27 +76,9 @@ class AWSLambdaBackend(FaaSBackend):
     # ------------------------------------------------------------------ config
 
     def validate(self) -> None:
+        # each key's range is the schema's (checked when the config is resolved);
+        # here only the rules across keys
         c = self.config
-        lo, hi = self.memory_range
-        mem = c.get("runtime_memory")
-        if not isinstance(mem, int) or not lo <= mem <= hi:
-            raise _config.ConfigError(
-                f"lithops.aws_lambda.runtime_memory = {mem!r} is invalid; allowed: integer "
-                f"MB between {lo} and {hi}")
-        t = c.get("runtime_timeout")
-        if not isinstance(t, int) or not 1 <= t <= self.max_timeout:
-            raise _config.ConfigError(
-                f"lithops.aws_lambda.runtime_timeout = {t!r} is invalid; allowed: integer "
-                f"seconds between 1 and {self.max_timeout}")
-        eph = c.get("ephemeral_storage")
-        if not isinstance(eph, int) or not 512 <= eph <= 10240:
-            raise _config.ConfigError(
-                f"lithops.aws_lambda.ephemeral_storage = {eph!r} is invalid; allowed: integer "
-                "MB between 512 and 10240")
-        if c.get("architecture") not in ("x86_64", "arm64"):
-            raise _config.ConfigError(
-                f"lithops.aws_lambda.architecture = {c.get('architecture')!r} is invalid; "
-                "allowed: 'x86_64', 'arm64'")
         if not c.get("endpoint_url"):
             # Real AWS: a region and a role are needed.  Against an emulator
             # (endpoint_url) both default (us-east-1, a placeholder role).
@@ -109,11 +91,6 @@ class AWSLambdaBackend(FaaSBackend):
                     "lithops.aws_lambda.execution_role is required for AWS Lambda: the ARN of "
                     "an IAM role the functions run as (e.g. "
                     "arn:aws:iam::<account>:role/dask-lithops)")
-        for k in ("max_workers", "invoke_pool_threads"):
-            v = c.get(k)
-            if not isinstance(v, int) or v < 1:
-                raise _config.ConfigError(
-                    f"lithops.aws_lambda.{k} = {v!r} is invalid; allowed: integer >= 1")
 
     # ------------------------------------------------------------------ clients
 

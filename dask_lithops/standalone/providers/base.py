@@ -38,7 +38,7 @@ class HostProvider:
 
     initial: int = 0      # hosts acquired at start
     maximum: int = 0      # most hosts held at once; scale() acquires more up to this
-    worker_processes: int | str | None = None  # per host (None: lithops.ssh.worker_processes)
+    worker_processes: int | str | None = None  # per host (None: lithops.standalone.worker_processes)
     cluster_id: str = ""  # set by the cluster before the first acquire (tags, heartbeats)
     runtime: str = "default"  # the runtime key, likewise (VMs with the same key are reusable)
 

@@ -89,6 +89,7 @@ def build_environment(source: Path, cache_dir: str | os.PathLike | None = None) 
     venv = root / key
     python = venv / "bin" / "python"
     if (venv / ".ready").exists():
+        os.chmod(venv, 0o755)  # mkdtemp made it 0700; instances run unprivileged
         return python
     with open(root / f".{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -119,6 +120,7 @@ def build_environment(source: Path, cache_dir: str | os.PathLike | None = None) 
                 shutil.rmtree(venv)
             # the venv's scripts embed the build path; only bin/python is used
             os.rename(tmp, venv)
+            os.chmod(venv, 0o755)  # mkdtemp made it 0700; instances run unprivileged
             (venv / ".ready").touch()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

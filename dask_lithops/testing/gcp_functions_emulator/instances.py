@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import time
+from pathlib import Path
 
 from .. import sandbox
 from .frontend import FrontEndError
@@ -19,6 +20,7 @@ from .model import INSTANCE_PORT, Function, Instance, InstanceInfo
 logger = logging.getLogger("dask_lithops.gcp_functions_emulator")
 
 TAIL_LINES = 200
+INSTANCE_USER = "1000:1000"  # an unprivileged user, not root
 
 
 class InstanceManager:
@@ -49,7 +51,7 @@ class InstanceManager:
                     and inst.in_flight < fn.concurrency:
                 if best is None or inst.state == "idle" and best.state != "idle":
                     best = inst
-        cold = best is None
+        cold = best is None or best.state == "starting"  # it waits for a start either way
         if best is None:
             live = sum(1 for i in fn.instances if i.state != "dead")
             if live >= fn.max_instances:
@@ -91,16 +93,15 @@ class InstanceManager:
         self._spawn_task(self._start(inst))
         return inst
 
-    def _instance_env(self, inst: Instance, port: int) -> dict:
+    def _instance_env(self, inst: Instance, port: int, python: Path, tmp) -> dict:
         fn = inst.function
         s, b = fn.service_config, fn.build_config
         env = {
-            "PATH": f"{fn.python.parent}:/usr/local/bin:/usr/bin:/bin",
-            "HOME": "/root" if os.geteuid() == 0 else os.environ.get("HOME", "/"),
+            "PATH": f"{python.parent}:/usr/local/bin:/usr/bin:/bin",
             "LANG": "C.UTF-8",
             "PYTHONUNBUFFERED": "TRUE",
             "PYTHONNOUSERSITE": "1",
-            "TMPDIR": str(inst.tmpdir),
+            "TMPDIR": str(tmp),
             "PORT": str(port),
             "K_SERVICE": fn.id,
             "K_REVISION": s.get("revision", ""),
@@ -117,17 +118,28 @@ class InstanceManager:
 
     def _start_blocking(self, inst: Instance) -> sandbox.ProcessHandle:
         fn = inst.function
-        inst.tmpdir = self.workdir / "instances" / inst.id / "tmp"
+        base = self.workdir / "instances" / inst.id
+        inst.tmpdir = base / "tmp"
         inst.tmpdir.mkdir(parents=True)
         port = INSTANCE_PORT if self.sandboxed else _free_port()
         inst.port = port
-        command = [str(fn.python), "-s", "-m", "functions_framework",
+        python, source, tmp, fs = fn.python, fn.source_dir, inst.tmpdir, None
+        if self.filesystem_isolated:
+            # the source at /workspace and the built environment under /layers, as Google's
+            # buildpacks lay them out; nothing of the client's
+            binds, masks = sandbox.interpreter_binds()
+            binds.update({"/workspace": fn.source_dir, "/layers/python": fn.python.parent.parent})
+            python, source, tmp = Path("/layers/python/bin/python"), Path("/workspace"), "/tmp"
+            fs = sandbox.Filesystem(skeleton=self.workdir / "root", binds=binds,
+                                    cwd="/workspace",
+                                    user=INSTANCE_USER, tmp_mb=inst.memory_mb, masks=masks)
+        command = [str(python), "-s", "-m", "functions_framework",
                    "--target", fn.build_config["entryPoint"], "--source",
-                   str(fn.source_dir / "main.py"), "--signature-type", "http",
+                   str(source / "main.py"), "--signature-type", "http",
                    "--host", "0.0.0.0", "--port", str(port)]
-        h = self._sandboxes.start(command, env=self._instance_env(inst, port),
-                                  cwd=str(fn.source_dir), memory_mb=inst.memory_mb,
-                                  name=f"inst-{inst.id}", tmpdir=inst.tmpdir.parent)
+        h = self._sandboxes.start(command, env=self._instance_env(inst, port, python, tmp),
+                                  cwd=str(source), memory_mb=inst.memory_mb,
+                                  name=f"inst-{inst.id}", tmpdir=base, filesystem=fs)
         self._executor.submit(self._sandboxes.refill)
         return h
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from ..sandbox import Sandboxes
+from ..sandbox import Sandboxes, filesystem_unavailable
 from .api import api_application
 from .auth import TokenAuthority, write_key_file
 from .build import BuildError, build_environment, extract_source
@@ -82,6 +82,11 @@ class CloudFunctionsEmulator(InstanceManager):
     build_cache:
         Where built environments are cached (default ``~/.cache/dask-lithops/
         gcp-functions-builds``).
+    isolate_filesystem:
+        Give every instance a root of its own (the source at ``/workspace``, the
+        built environment under ``/layers``, a private in-memory ``/tmp``, running
+        unprivileged): none of the client's files.  ``None`` (default): when running
+        as root; ``True`` requires it.
     """
 
     def __init__(self, project: str = "test-project", region: str = "us-central1", *,
@@ -89,12 +94,14 @@ class CloudFunctionsEmulator(InstanceManager):
                  host: str = "127.0.0.1", port: int = 0,
                  log_dir: str | os.PathLike | None = None,
                  build_cache: str | os.PathLike | None = None, prewarm: int = 2,
-                 startup_timeout: float = 60.0):
+                 startup_timeout: float = 60.0, isolate_filesystem: bool | None = None):
         self.project, self.region = project, region
         self.idle_timeout = float(idle_timeout)
         self.startup_timeout = float(startup_timeout)
         self.host, self.port_arg = host, int(port)
         self.log_dir_arg, self.build_cache = log_dir, build_cache
+        self.isolate_filesystem = isolate_filesystem
+        self.filesystem_isolated = False
         self.port = 0
         self.started = False
         self.sandboxed = False
@@ -129,6 +136,11 @@ class CloudFunctionsEmulator(InstanceManager):
     def start(self) -> CloudFunctionsEmulator:
         if self.started:
             return self
+        fs_reason = filesystem_unavailable() if self.isolate_filesystem is not False else None
+        if self.isolate_filesystem and fs_reason:
+            raise RuntimeError(f"the Cloud Run functions emulator cannot give instances a "
+                               f"filesystem of their own here: {fs_reason}")
+        self.filesystem_isolated = self.isolate_filesystem is not False and fs_reason is None
         self.workdir = Path(tempfile.mkdtemp(prefix=f"dask-lithops-gcf-emulator-{self._tag}-"))
         os.chmod(self.workdir, 0o700)
         if self.log_dir_arg is not None:
@@ -195,6 +207,11 @@ class CloudFunctionsEmulator(InstanceManager):
         """The base of the v2 REST API (``{endpoint_url}/v2/projects/...``)."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"http://{host}:{self.port}"
+
+    @property
+    def host_address(self) -> str:
+        """This host as the instances' sandboxes reach it (a client's ``contact_address``)."""
+        return self._sandboxes.host_address
 
     @property
     def memory_limit_mode(self) -> str:

@@ -24,6 +24,13 @@ def emulator():
 @click.option("--sandbox/--no-sandbox", default=None,
               help="Run environments in outbound-only network namespaces "
                    "(default: when root with ip/nft available).")
+@click.option("--host-reachable/--no-host-reachable", default=True, show_default=True,
+              help="aws: --no-host-reachable keeps functions from reaching any address of this "
+                   "host but Lambda's own endpoints and --aws-endpoint-url (a client behind "
+                   "NAT, as seen from Lambda).")
+@click.option("--aws-endpoint-url", default=None,
+              help="aws: the test world's AWS endpoint (moto): functions get their execution "
+                   "role's credentials from its STS and reach it as AWS_ENDPOINT_URL.")
 @click.option("--account-concurrency", default=100, show_default=True, type=int,
               help="Account concurrent-executions limit.")
 @click.option("--idle-timeout", default=300.0, show_default=True, type=float,
@@ -35,8 +42,8 @@ def emulator():
 @click.option("--project", default="test-project", show_default=True,
               help="gcp: the project the emulator serves.")
 @click.option("-v", "--verbose", is_flag=True, help="Log the emulator's activity.")
-def start(cloud, host, port, sandbox, account_concurrency, idle_timeout, log_dir, region,
-          project, verbose):
+def start(cloud, host, port, sandbox, host_reachable, aws_endpoint_url, account_concurrency,
+          idle_timeout, log_dir, region, project, verbose):
     """Start the emulator and serve until SIGINT/SIGTERM, then clean up everything."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -49,7 +56,7 @@ def start(cloud, host, port, sandbox, account_concurrency, idle_timeout, log_dir
                        region or "us-central1", project)
         else:
             _serve_aws(stop, host, port, sandbox, account_concurrency, idle_timeout, log_dir,
-                       region or "us-east-1")
+                       region or "us-east-1", host_reachable, aws_endpoint_url)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -78,19 +85,26 @@ def _serve_gcp(stop, host, port, sandbox, idle_timeout, log_dir, region, project
         click.echo("Cloud Run functions emulator stopped.", err=True)
 
 
-def _serve_aws(stop, host, port, sandbox, account_concurrency, idle_timeout, log_dir, region):
+def _serve_aws(stop, host, port, sandbox, account_concurrency, idle_timeout, log_dir, region,
+               host_reachable, aws_endpoint_url):
     from . import LambdaEmulator
 
     emu = LambdaEmulator(sandbox=sandbox, account_concurrency=account_concurrency,
                          log_dir=log_dir, idle_timeout=idle_timeout, host=host, port=port,
-                         region=region)
+                         region=region, host_reachable=host_reachable,
+                         aws_endpoint_url=aws_endpoint_url)
     try:
         emu.start()
         click.echo(f"Lambda emulator listening at {emu.endpoint_url}")
         click.echo(f"  sandboxed: {emu.sandboxed}"
                    + ("" if emu.sandboxed else f" ({emu.sandbox_reason})"))
         click.echo(f"  memory limit: {emu.memory_limit_mode}")
-        click.echo(f"  host address seen from functions: {emu.host_address}")
+        click.echo(f"  host address seen from functions: {emu.host_address}"
+                   + ("" if emu.host_reachable else " (unreachable: --no-host-reachable)"))
+        click.echo(f"  own filesystem (/var/task, /opt, private /tmp): {emu.filesystem_isolated}")
+        if emu.aws_endpoint_url:
+            click.echo(f"  AWS endpoint seen from functions: {emu.sandbox_aws_endpoint_url} "
+                       f"(role credentials from its STS)")
         click.echo(f"  log streams: {emu.log_dir}")
         click.echo(f"  export AWS_ENDPOINT_URL_LAMBDA={emu.endpoint_url}")
         click.echo("Press Ctrl+C to stop.", err=True)

@@ -25,6 +25,11 @@ from .runtime_api import runtime_application
 
 logger = logging.getLogger("dask_lithops.lambda_emulator")
 
+#: where the managed runtime's venv appears inside an environment with its own root
+RUNTIME_DIR = Path("/var/runtime")
+#: Lambda runs functions as sbx_user1051
+LAMBDA_USER = "993:990"
+
 
 class EnvironmentManager:
     """Start, feed, watch and retire the environments that run invocations."""
@@ -49,24 +54,27 @@ class EnvironmentManager:
         self._spawn_task(self._start_env(env))
         return env
 
-    def _env_vars(self, env: Environment, tmpdir: Path) -> dict:
+    def _env_vars(self, env: Environment, tmpdir: Path, creds: dict) -> dict:
         s = env.spec
         fn = env.function
         pyver = f"python{s.runtime[len('python'):]}"
-        site = (self._python.parent.parent / "lib" /
-                f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages")
+        minor = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        if self.filesystem_isolated:  # Lambda's paths, inside the environment's own root
+            task_root, opt, tmp, python = "/var/task", "/opt", "/tmp", RUNTIME_DIR / "bin/python"
+        else:
+            task_root, opt, tmp, python = s.task_root, s.opt_dir, tmpdir, self._python
+        site = python.parent.parent / "lib" / minor / "site-packages"
         v = {
-            "PATH": f"{self._python.parent}:/usr/local/bin:/usr/bin/:/bin:{s.opt_dir}/bin",
-            "LD_LIBRARY_PATH": f"{s.opt_dir}/lib",
+            "PATH": f"{python.parent}:/usr/local/bin:/usr/bin/:/bin:{opt}/bin",
+            "LD_LIBRARY_PATH": f"{opt}/lib",
             "LANG": "en_US.UTF-8",
             "TZ": ":UTC",
             "PYTHONPATH": os.pathsep.join([
-                str(s.task_root), f"{s.opt_dir}/python/lib/{pyver}/site-packages",
-                f"{s.opt_dir}/python"]),
+                str(task_root), f"{opt}/python/lib/{pyver}/site-packages", f"{opt}/python"]),
             "PYTHONNOUSERSITE": "1",
             "PYTHONDONTWRITEBYTECODE": "1",
-            "TMPDIR": str(tmpdir),
-            "LAMBDA_TASK_ROOT": str(s.task_root),
+            "TMPDIR": str(tmp),
+            "LAMBDA_TASK_ROOT": str(task_root),
             "LAMBDA_RUNTIME_DIR": str(site),
             "_HANDLER": s.handler,
             "AWS_EXECUTION_ENV": f"AWS_Lambda_{s.runtime}",
@@ -79,27 +87,45 @@ class EnvironmentManager:
             "AWS_LAMBDA_RUNTIME_API": f"{self.host_address}:{env.port}",
             "AWS_REGION": self.region,
             "AWS_DEFAULT_REGION": self.region,
-            "AWS_ACCESS_KEY_ID": "ASIAEMULATOREXAMPLE00",
-            "AWS_SECRET_ACCESS_KEY": "emulator-secret-access-key",
-            "AWS_SESSION_TOKEN": "emulator-session-token",
+            **creds,
             "AWS_ENDPOINT_URL_LAMBDA": self.sandbox_endpoint_url,
         }
+        if self.sandbox_aws_endpoint_url:
+            v["AWS_ENDPOINT_URL"] = self.sandbox_aws_endpoint_url
         v.update(s.variables)
         return v
 
     def _start_blocking(self, env: Environment) -> sandbox.ProcessHandle:
-        tmpdir = self.workdir / "envs" / env.id / "tmp"
+        base = self.workdir / "envs" / env.id
+        tmpdir = base / "tmp"
         tmpdir.mkdir(parents=True)
+        # the role's credentials, as Lambda gives them (from STS when the test world has one)
+        creds = self._role_credentials.get(env.function.role, env.function.name)
+        self._sandboxes.allow(self.host_address, env.port)
+        fs = None
+        python, cwd = str(self._python), str(env.spec.task_root)
+        if self.filesystem_isolated:
+            binds, masks = sandbox.interpreter_binds()
+            binds.update({"/var/task": env.spec.task_root, "/opt": env.spec.opt_dir,
+                          str(RUNTIME_DIR): self._python.parent.parent})
+            fs = sandbox.Filesystem(skeleton=self.workdir / "root", binds=binds, cwd="/var/task",
+                                    user=LAMBDA_USER, masks=masks)
+            python, cwd = str(RUNTIME_DIR / "bin/python"), "/var/task"
         try:
             h = self._sandboxes.start(
-                [str(self._python), "-s", "-m", "awslambdaric", env.spec.handler],
-                env=self._env_vars(env, tmpdir), cwd=str(env.spec.task_root),
-                memory_mb=env.spec.memory, name=f"env-{env.id}", tmpdir=tmpdir.parent)
+                [python, "-s", "-m", "awslambdaric", env.spec.handler],
+                env=self._env_vars(env, tmpdir, creds), cwd=cwd, memory_mb=env.spec.memory,
+                name=f"env-{env.id}", tmpdir=base, filesystem=fs)
         except Exception:
-            shutil.rmtree(tmpdir.parent, ignore_errors=True)
+            self._sandboxes.disallow(self.host_address, env.port)
+            shutil.rmtree(base, ignore_errors=True)
             raise
         self._executor.submit(self._sandboxes.refill)
         return h
+
+    def _teardown_blocking(self, h: sandbox.ProcessHandle, port: int) -> None:
+        self._sandboxes.disallow(self.host_address, port)  # a no-op when host_reachable
+        self._sandboxes.teardown(h)
 
     async def _start_env(self, env: Environment) -> None:
         loop = asyncio.get_running_loop()
@@ -274,7 +300,7 @@ class EnvironmentManager:
             env.log_file.close()
             env.log_file = None
         if h is not None:
-            f = self._executor.submit(self._sandboxes.teardown, h)
+            f = self._executor.submit(self._teardown_blocking, h, env.port)
             self._teardowns.add(f)
             f.add_done_callback(self._teardowns.discard)
 

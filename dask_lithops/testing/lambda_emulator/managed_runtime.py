@@ -64,6 +64,7 @@ def ensure_runtime(cache_dir: str | os.PathLike | None = None) -> Path:
     venv = root / runtime_key()
     ready = venv / ".dask-lithops-ready"
     if ready.exists():
+        _world_readable(venv)
         return _venv_python(venv)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -76,10 +77,17 @@ def ensure_runtime(cache_dir: str | os.PathLike | None = None) -> Path:
                 shutil.rmtree(venv)
             # only activate scripts embed the build path, and nothing here uses them
             os.rename(tmp, venv)
+            _world_readable(venv)
             ready.touch()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return _venv_python(venv)
+
+
+def _world_readable(venv: Path) -> None:
+    """mkdtemp made it 0700; environments run as Lambda's unprivileged user read it."""
+    if venv.stat().st_mode & 0o777 != 0o755:
+        os.chmod(venv, 0o755)
 
 
 def _build(venv: Path) -> None:

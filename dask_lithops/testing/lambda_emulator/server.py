@@ -12,6 +12,7 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
+import ipaddress
 import json
 import logging
 import os
@@ -20,14 +21,16 @@ import socket
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from ..sandbox import Sandboxes
+from ..sandbox import Sandboxes, TcpForwarder, filesystem_unavailable
 from .control import ControlAPI
+from .credentials import RoleCredentials
 from .dispatch import Dispatcher
 from .environments import EnvironmentManager
 from .handlers import control_application
@@ -76,6 +79,21 @@ class LambdaEmulator(ControlAPI, Dispatcher, EnvironmentManager):
         Event invokes accepted per second (a token bucket holding one second's
         worth); above it they get 429 ``TooManyRequestsException`` like Lambda's
         request-rate throttling.  ``None``: no limit.  May be changed while running.
+    host_reachable:
+        ``False``: environments reach no address of this host except what Lambda
+        itself provides (their Runtime API, the Lambda API) and ``aws_endpoint_url``
+        -- a client behind NAT as seen from Lambda -- while they still reach other
+        namespaces ("the internet": the EC2 world's VMs).  Needs the sandbox.
+    aws_endpoint_url:
+        The test world's AWS endpoint (moto).  Environments get credentials of their
+        function's execution role from its STS (``AssumeRole``) and reach it as
+        ``AWS_ENDPOINT_URL`` (a loopback endpoint is forwarded from the bridge's
+        gateway).  Without it they get dummy credentials.
+    isolate_filesystem:
+        Give every environment a root of its own: its code at ``/var/task``, layers at
+        ``/opt``, a private ``/tmp``, the system's ``/usr``/``/etc`` read-only, running
+        as Lambda's unprivileged user -- none of the client's files.  ``None``
+        (default): when running as root; ``True`` requires it.
     """
 
     def __init__(self, sandbox: bool | None = None, account_concurrency: int = 100,
@@ -83,8 +101,16 @@ class LambdaEmulator(ControlAPI, Dispatcher, EnvironmentManager):
                  host: str = "127.0.0.1", port: int = 0, region: str = "us-east-1",
                  prewarm: int = 2, event_retry_delays: tuple = (60.0, 120.0),
                  runtime_cache: str | os.PathLike | None = None,
-                 invoke_rate_limit: float | None = None):
+                 invoke_rate_limit: float | None = None, host_reachable: bool = True,
+                 aws_endpoint_url: str | None = None, isolate_filesystem: bool | None = None):
         self.sandbox_requested = sandbox
+        self.host_reachable = bool(host_reachable)
+        self.aws_endpoint_url = aws_endpoint_url
+        self.sandbox_aws_endpoint_url: str | None = None
+        self.isolate_filesystem = isolate_filesystem
+        self.filesystem_isolated = False
+        self._role_credentials = RoleCredentials(aws_endpoint_url, region)
+        self._forwarder = None
         self.invoke_rate_limit = invoke_rate_limit
         self._rate_tokens = 0.0
         self._rate_time = 0.0
@@ -108,7 +134,8 @@ class LambdaEmulator(ControlAPI, Dispatcher, EnvironmentManager):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._sandboxes = Sandboxes(self._tag, sandbox, prewarm, "Lambda emulator")
+        self._sandboxes = Sandboxes(self._tag, sandbox, prewarm, "Lambda emulator",
+                                    host_reachable=self.host_reachable)
         self._python: Path | None = None
         self._servers: list[HTTPServer] = []
         self._functions: dict[str, Function] = {}
@@ -129,6 +156,11 @@ class LambdaEmulator(ControlAPI, Dispatcher, EnvironmentManager):
     def start(self) -> LambdaEmulator:
         if self.started:
             return self
+        fs_reason = filesystem_unavailable() if self.isolate_filesystem is not False else None
+        if self.isolate_filesystem and fs_reason:
+            raise RuntimeError(f"the Lambda emulator cannot give environments a filesystem of "
+                               f"their own here: {fs_reason}")
+        self.filesystem_isolated = self.isolate_filesystem is not False and fs_reason is None
         self._python = ensure_runtime(self.runtime_cache)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"dask-lithops-emulator-{self._tag}-"))
         if self.log_dir_arg is not None:
@@ -152,6 +184,9 @@ class LambdaEmulator(ControlAPI, Dispatcher, EnvironmentManager):
             ready.wait()
             if failure:
                 raise failure[0]
+            self._sandboxes.allow(self.host_address, self.port)  # Lambda's API is public
+            if self.aws_endpoint_url:
+                self._expose_aws_endpoint()
             self._executor.submit(self._sandboxes.refill)
         except BaseException:
             self._cleanup_host_resources()
@@ -205,6 +240,21 @@ class LambdaEmulator(ControlAPI, Dispatcher, EnvironmentManager):
         self._servers.append(server)
         self.port = port
 
+    def _expose_aws_endpoint(self) -> None:
+        """Make the test world's AWS endpoint reachable from environments (and only it)."""
+        u = urllib.parse.urlsplit(self.aws_endpoint_url)
+        port = u.port or (443 if u.scheme == "https" else 80)
+        address = socket.gethostbyname(u.hostname)
+        if self.sandboxed and ipaddress.ip_address(address).is_loopback:
+            # a loopback service is not reachable from a namespace: forward to it from the
+            # bridge's gateway
+            fwd = TcpForwarder(self.host_address, (address, port))
+            asyncio.run_coroutine_threadsafe(fwd.start(), self._loop).result(timeout=10)
+            self._forwarder = fwd
+            address, port = self.host_address, fwd.port
+        self._sandboxes.allow(address, port)
+        self.sandbox_aws_endpoint_url = f"{u.scheme}://{address}:{port}"
+
     @property
     def endpoint_url(self) -> str:
         """The control API for boto3 on this host."""
@@ -254,6 +304,8 @@ class LambdaEmulator(ControlAPI, Dispatcher, EnvironmentManager):
 
     async def _shutdown(self) -> None:
         self._closing = True
+        if self._forwarder is not None:
+            self._forwarder.close()
         if self._reaper is not None:
             self._reaper.stop()
         for server in self._servers:
@@ -358,6 +410,8 @@ class LambdaEmulator(ControlAPI, Dispatcher, EnvironmentManager):
                     "bridge": self._sandboxes.bridge.name if self._sandboxes.bridge else None,
                     "cgroup": (str(self._sandboxes.cgroups.parent) if self._sandboxes.cgroups
                                else None),
+                    "firewall": (self._sandboxes.firewall.table if self._sandboxes.firewall
+                                 else None),
                     "workdir": str(self.workdir) if self.workdir else None}
         return self._call(get)
 
