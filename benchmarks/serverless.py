@@ -1,17 +1,21 @@
-"""ServerlessCluster(aws_lambda) against the Lambda emulator, in one run.
+"""ServerlessCluster against the offline emulators, one backend after the other, in one run.
 
-    python benchmarks/serverless.py [--sizes 1 8 32] [--queued 128] [--tasks 5000]
+    python benchmarks/serverless.py [--backend aws_lambda gcp_functions] [--sizes 1 8 32]
+                                    [--queued 128] [--tasks 5000]
 
-The emulator runs in a child process (its own interpreter and GIL), so its work
-does not count against the client's invoke rate; on a 2-core machine it still
+Each emulator runs in a child process (its own interpreter and GIL), so its work
+does not count against the client's launch rate; on a 2-core machine it still
 shares the CPUs with the client and with the environments it starts.
 
-Measures:
-* invocations issued per second by ``scale(n)``: Event invokes answered 202
-  divided by the time from ``scale(n)`` until the last one returned (target
-  >= 500/s), and the client's CPU per invoke.  ``--queued N`` measures the same
-  with the function's reserved concurrency at 0 (events queue, no environment
-  starts): the client's own rate without n cold starts competing for the CPUs.
+Measures, per backend:
+* worker launches per second by ``scale(n)``: launches the platform took
+  (Lambda: Event invokes answered 202; Cloud Run functions: worker requests
+  sent in full) divided by the time from ``scale(n)`` until the last one
+  (target >= 500/s), and the client's CPU per launch.  ``--queued N`` measures
+  the same with nothing starting -- Lambda: the function's reserved concurrency
+  at 0 (events queue); Cloud Run functions: a function deployed with
+  ``maxInstanceCount`` 1 (the rest are answered 429 at once and retried with
+  backoff) -- the client's own rate without n cold starts competing for the CPUs.
 * per worker, from its environment's process start (the handler reports it) to
   its registration with the scheduler (target <= 1.5 s), with the cold path's
   parts; n=1 is uncontended, larger n cold-start n environments at once.
@@ -47,14 +51,22 @@ def throughput(client, n_tasks: int) -> float:
 # ---------------------------------------------------------------- emulator in a child process
 
 
-def _emulator_child(conn, kwargs: dict) -> None:
+def _emulator_child(conn, backend: str, kwargs: dict) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run emu.stop() below
-    from dask_lithops.testing.lambda_emulator import LambdaEmulator
+    if backend == "gcp_functions":
+        from dask_lithops.testing.gcp_functions_emulator import CloudFunctionsEmulator
 
-    emu = LambdaEmulator(**kwargs).start()
+        emu = CloudFunctionsEmulator(**kwargs).start()
+        info = {"credentials_file": str(emu.credentials_file), "project": emu.project,
+                "region": emu.region}
+    else:
+        from dask_lithops.testing.lambda_emulator import LambdaEmulator
+
+        emu = LambdaEmulator(**kwargs).start()
+        info = {}
     try:
         conn.send({"endpoint_url": emu.endpoint_url, "host_address": emu.host_address,
-                   "sandboxed": emu.sandboxed})
+                   "sandboxed": emu.sandboxed, **info})
         while True:
             try:
                 name, args = conn.recv()
@@ -72,19 +84,37 @@ def _emulator_child(conn, kwargs: dict) -> None:
 
 
 class EmulatorProcess:
-    """``LambdaEmulator`` in a spawned child; attributes and methods are called over a pipe."""
+    """A backend's emulator in a spawned child; attributes and methods are called over a pipe."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, backend: str = "aws_lambda", **kwargs):
         ctx = multiprocessing.get_context("spawn")
+        self.backend = backend
         self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_emulator_child, args=(child, kwargs),
-                                   name="lambda-emulator", daemon=True)
+        self.process = ctx.Process(target=_emulator_child, args=(child, backend, kwargs),
+                                   name=f"{backend}-emulator", daemon=True)
         self.process.start()
         child.close()
         info = self._recv(timeout=120)
         self.endpoint_url = info["endpoint_url"]
         self.host_address = info["host_address"]
         self.sandboxed = info["sandboxed"]
+        self.info = info
+
+    def cluster_options(self) -> dict:
+        """What a ServerlessCluster needs to use this emulator."""
+        opts = {"backend": self.backend, "endpoint_url": self.endpoint_url,
+                "contact_address": self.host_address}
+        if self.backend == "gcp_functions":
+            opts.update(credentials_path=self.info["credentials_file"],
+                        project_name=self.info["project"], region=self.info["region"])
+        return opts
+
+    def busy(self, function: str) -> bool:
+        """Does an environment/instance of ``function`` still exist?"""
+        if self.backend == "gcp_functions":
+            return any(i.function.rsplit("/", 1)[-1] == function
+                       for i in self.call("instances"))
+        return any(e.function == function for e in self.call("environments"))
 
     def _recv(self, timeout: float):
         deadline = time.monotonic() + timeout
@@ -152,20 +182,24 @@ def bench_scale(emu, n: int, memory: int) -> dict:
 
     from dask_lithops.serverless import ServerlessCluster
 
-    cluster = ServerlessCluster(endpoint_url=emu.endpoint_url, contact_address=emu.host_address,
-                                runtime_memory=memory, runtime_timeout=300,
-                                dashboard_address=None, invoke_pool_threads=64)
+    cluster = ServerlessCluster(**emu.cluster_options(), runtime_memory=memory,
+                                runtime_timeout=300, dashboard_address=None,
+                                invoke_pool_threads=64)
     with cluster, Client(cluster) as client:
         # the runtime check's environment is reaped first: every worker cold-starts
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(
-                e.function == cluster.function_name for e in emu.call("environments")):
+        while time.monotonic() < deadline and emu.busy(cluster.function_name):
             time.sleep(0.5)
         issued = _issue(cluster, n)
         client.wait_for_workers(n, timeout=300)
         t_all = time.time() - issued["t0"]
         function = cluster.function_name
-    cold = {i.request_id: i.cold for i in emu.call("invocations", function)}
+    if emu.backend == "aws_lambda":
+        cold = {i.request_id: i.cold for i in emu.call("invocations", function)}
+    else:  # a request is a cold start when its instance's process started after it was sent
+        cold = {r.request_id: ((cluster._exit_reports.get(r.name) or {}).get("timeline") or {})
+                .get("process_start", 0) > r.invoked - 0.05
+                for r in cluster.usage_tracker.records.values()}
     parts = {k: [] for k in ("start->module", "module->handler", "handler->imports",
                              "imports->reachable", "reachable->registered")}
     per_worker, warm = [], 0
@@ -192,16 +226,22 @@ def bench_scale(emu, n: int, memory: int) -> dict:
 
 
 def bench_queued(emu, n: int, memory: int) -> dict:
-    """The invoke rate alone: the function's reserved concurrency is 0, nothing starts."""
+    """The launch rate alone: nothing (Cloud Run functions: one instance) starts."""
     from dask_lithops.serverless import ServerlessCluster
 
-    cluster = ServerlessCluster(endpoint_url=emu.endpoint_url, contact_address=emu.host_address,
-                                runtime_memory=memory, runtime_timeout=300,
-                                dashboard_address=None, invoke_pool_threads=64)
+    options = dict(**emu.cluster_options(), runtime_memory=memory, runtime_timeout=300,
+                   dashboard_address=None, invoke_pool_threads=64)
+    if emu.backend == "gcp_functions":
+        # a function of its own (memory) deployed with maxInstanceCount 1; the cluster
+        # below uses it as it is: all but one request are refused (429) at once
+        with ServerlessCluster(**options, max_workers=1):
+            pass
+    cluster = ServerlessCluster(**options)
     with cluster:
-        # a function of its own (memory): its queued events never start later
-        cluster.backend.client.put_function_concurrency(
-            FunctionName=cluster.function_name, ReservedConcurrentExecutions=0)
+        if emu.backend == "aws_lambda":
+            # a function of its own (memory): its queued events never start later
+            cluster.backend.client.put_function_concurrency(
+                FunctionName=cluster.function_name, ReservedConcurrentExecutions=0)
         runs = []
         for _ in range(3):
             runs.append(_issue(cluster, n))
@@ -212,6 +252,8 @@ def bench_queued(emu, n: int, memory: int) -> dict:
 
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--backend", nargs="+", default=["aws_lambda", "gcp_functions"],
+                   choices=["aws_lambda", "gcp_functions"])
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--queued", type=int, default=128,
                    help="invoke-rate run with nothing starting (0: skip)")
@@ -224,21 +266,36 @@ def main():
     from distributed import Client
 
     from dask_lithops import LocalhostCluster
-    from dask_lithops.serverless import ServerlessCluster
 
     sandbox = os.geteuid() == 0
-    # idle_timeout: environments of one size are reaped before the next size starts, so
-    # every size cold-starts its workers.  (A bigger namespace ``prewarm`` made it worse:
-    # the pool refills to it during the burst.)
-    with EmulatorProcess(sandbox=sandbox, account_concurrency=1000, idle_timeout=2.0) as emu:
-        print(f"emulator {emu.endpoint_url} (pid {emu.process.pid}) sandboxed={emu.sandboxed}",
-              flush=True)
+    with LocalhostCluster(n_workers=args.throughput_workers, threads_per_worker=1,
+                          dashboard_address=None) as lc, Client(lc) as client:
+        client.wait_for_workers(args.throughput_workers)
+        local_tps = throughput(client, args.tasks)
+    for backend in args.backend:
+        run_backend(backend, args, sandbox, local_tps)
+
+
+def run_backend(backend: str, args, sandbox: bool, local_tps: float) -> None:
+    from distributed import Client
+
+    from dask_lithops.serverless import ServerlessCluster
+
+    # idle environments are reaped quickly: each size cold-starts its workers.  (A bigger
+    # namespace ``prewarm`` made it worse: the pool refills to it during the burst.)
+    if backend == "aws_lambda":
+        kwargs = dict(sandbox=sandbox, account_concurrency=1000, idle_timeout=2.0)
+    else:
+        kwargs = dict(sandbox=sandbox, idle_timeout=2.0)
+    with EmulatorProcess(backend, **kwargs) as emu:
+        print(f"[{backend}] emulator {emu.endpoint_url} (pid {emu.process.pid}) "
+              f"sandboxed={emu.sandboxed}", flush=True)
         for n in args.sizes:
             r = bench_scale(emu, n, args.memory)
-            print(f"scale({n}): {r['accepted']} invokes accepted in {r['issued_s'] * 1000:.1f} ms "
-                  f"= {r['rate']:.0f}/s (target >= 500/s, ratio {r['rate'] / 500:.2f}), client "
-                  f"CPU {r['client_cpu_ms']:.2f} ms/invoke; all registered after "
-                  f"{r['all_registered_s']:.2f} s", flush=True)
+            print(f"[{backend}] scale({n}): {r['accepted']} launches taken in "
+                  f"{r['issued_s'] * 1000:.1f} ms = {r['rate']:.0f}/s (target >= 500/s, ratio "
+                  f"{r['rate'] / 500:.2f}), client CPU {r['client_cpu_ms']:.2f} ms/launch; all "
+                  f"registered after {r['all_registered_s']:.2f} s", flush=True)
             print(f"   process start -> registered ({r['cold']} cold starts, {r['warm']} warm "
                   f"skipped): median {r['env_to_registered_median_s']:.2f} s, max "
                   f"{r['env_to_registered_max_s']:.2f} s (target <= 1.5 s, ratio "
@@ -248,26 +305,21 @@ def main():
             time.sleep(4)  # idle environments are reaped
         if args.queued:
             q = bench_queued(emu, args.queued, args.memory + 64)
-            print(f"scale({q['n']}) with nothing starting (events queued): "
-                  + "; ".join(f"{x['rate']:.0f}/s, {x['client_cpu_ms']:.2f} ms CPU/invoke"
+            print(f"[{backend}] scale({q['n']}) with nothing starting: "
+                  + "; ".join(f"{x['rate']:.0f}/s, {x['client_cpu_ms']:.2f} ms CPU/launch"
                               for x in q["runs"])
                   + f" (target >= 500/s, best ratio {max(x['rate'] for x in q['runs']) / 500:.2f})",
                   flush=True)
 
         n = args.throughput_workers
-        cluster = ServerlessCluster(endpoint_url=emu.endpoint_url,
-                                    contact_address=emu.host_address, runtime_memory=args.memory,
+        cluster = ServerlessCluster(**emu.cluster_options(), runtime_memory=args.memory,
                                     runtime_timeout=300, dashboard_address=None, n_workers=n)
         with cluster, Client(cluster) as client:
             client.wait_for_workers(n, timeout=300)
             serverless_tps = throughput(client, args.tasks)
-    with LocalhostCluster(n_workers=n, threads_per_worker=1, dashboard_address=None) as lc, \
-            Client(lc) as client:
-        client.wait_for_workers(n)
-        local_tps = throughput(client, args.tasks)
-    print(f"throughput on {args.tasks} tiny tasks, {n} workers: serverless "
+    print(f"[{backend}] throughput on {args.tasks} tiny tasks, {n} workers: serverless "
           f"{serverless_tps:.0f} tasks/s (TLS + relay), LocalhostCluster {local_tps:.0f} "
-          f"tasks/s: ratio {serverless_tps / local_tps:.2f} (target >= 0.8)")
+          f"tasks/s: ratio {serverless_tps / local_tps:.2f} (target >= 0.8)", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,20 @@ DEFAULTS_FILE = os.path.join(_HERE, "lithops.yaml")
 SCHEMA_FILE = os.path.join(_HERE, "lithops-schema.yaml")
 NAMESPACE = "lithops"
 
-# Lithops' config sections that map one to one onto ours (same key names).
-LITHOPS_SECTIONS = ("localhost", "aws", "aws_s3", "aws_lambda", "aws_ec2", "standalone", "ssh")
+# Sections of ours that Lithops' config file does not have; every other section
+# maps one to one onto a Lithops section (same key names).
+OWN_SECTIONS = ("cluster", "relay", "serverless")
+
+
+def _serverless_backends() -> tuple[str, ...]:
+    from dask_lithops.serverless.backends import BACKENDS  # a plain registry: no imports
+
+    return tuple(BACKENDS)
+
+
 MODE_OF_BACKEND = {
     "localhost": "localhost",
-    "aws_lambda": "serverless",
+    **{name: "serverless" for name in _serverless_backends()},
     "ssh": "standalone",
     "vm": "standalone",
     "aws_ec2": "standalone",
@@ -45,6 +54,8 @@ def _load_yaml(path: str) -> dict:
 
 PACKAGE_DEFAULTS: dict = _load_yaml(DEFAULTS_FILE)
 dask.config.update_defaults(PACKAGE_DEFAULTS)
+LITHOPS_SECTIONS = tuple(k for k, v in PACKAGE_DEFAULTS[NAMESPACE].items()
+                         if isinstance(v, dict) and k not in OWN_SECTIONS)
 
 
 @lru_cache(maxsize=1)

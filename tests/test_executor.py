@@ -202,12 +202,17 @@ def test_exceptions_reraise_with_type_and_traceback(fexec):
     assert fs[1]._exception[0] is Boom
 
 
-def test_call_timeout(fexec):
+def test_call_timeout(fexec, client):
     t0 = time.monotonic()
     fs = fexec.map(time.sleep, [30], timeout=1)
     with pytest.raises(TimeoutError, match="exceeded maximum time of 1 seconds"):
         fexec.get_result(fs)
     assert time.monotonic() - t0 < 15
+
+    # Lithops' execution_timeout (config) is the default per-call limit
+    with lithops.FunctionExecutor(cluster=client, config={"lithops": {"execution_timeout": 1}}) as ex:
+        with pytest.raises(TimeoutError, match="exceeded maximum time of 1 seconds"):
+            ex.get_result(ex.map(time.sleep, [30]))
 
 
 # --------------------------------------------------------------------------- wait
@@ -233,6 +238,18 @@ def test_wait_modes(fexec):
     done, not_done = fexec.wait(fs, download_results=True)
     assert len(done) == 3 and not not_done and all(f.done for f in done)
     assert [f.result() for f in fs] == [0, 0, 3]
+
+
+def test_attach_to_a_cluster_or_an_address(client):
+    for target in (client.cluster, client.scheduler.address):
+        with lithops.FunctionExecutor(cluster=target) as ex:
+            assert ex.get_result(ex.map(double, [4])) == [8]
+            own_client = ex.client
+        assert own_client.status == "closed"  # its own client closed; the cluster stays
+    assert client.cluster.status.name == "running"
+    assert client.submit(lambda x: 2 * x, 1).result() == 2
+    with pytest.raises(TypeError, match="cluster = 42 is invalid; allowed: a Dask cluster"):
+        lithops.FunctionExecutor(cluster=42)
 
 
 def test_module_level_wait_and_get_result_across_executors(client, fexec):
@@ -309,6 +326,13 @@ def test_retrying_executor(fexec, tmp_path):
         with pytest.raises(Boom):
             rexec.wait(fs)
         assert fs[0].failure_count == 2
+
+    # lithops.retries in the config is the default
+    with lithops.FunctionExecutor(cluster=fexec.client, config={"lithops": {"retries": 1}}) as ex:
+        rexec = lithops.RetryingFunctionExecutor(ex)
+        fs = rexec.map(flaky, [7], extra_args=(str(tmp_path),))
+        done, _ = rexec.wait(fs, download_results=True)
+        assert done[0].result() == 21 and fs[0].failure_count == 1
 
 
 def kill_my_worker_once(x, marker_dir):
@@ -393,6 +417,10 @@ def test_object_iterdata_partitions_keep_lines_whole(fexec):
                           ["localhost://data/in/a.txt", "localhost://data/in/b.txt"],
                           total, obj_chunk_size=5000, obj_reduce_by_key=True)
     assert fexec.get_result(fs) == [3000, 1000]
+    fs = fexec.map_reduce(lambda obj: len(obj.data_stream.read().splitlines()),
+                          "localhost://data/in/", total, obj_chunk_number=3,
+                          reducer_one_per_object=True)  # Lithops' older name
+    assert sorted(fexec.get_result(fs)) == [1000, 3000]
 
 
 def test_object_iterdata_exact_ranges_paths_and_urls(fexec, tmp_path):
@@ -584,3 +612,21 @@ def test_signatures_match_lithops(name):
         q = theirs[p.name]
         assert p.kind == q.kind and (p.default == q.default or q.default is inspect.Parameter.empty
                                      or (p.default is None and q.default == {})), (name, p, q)
+
+
+def test_a_function_workers_cannot_import_fails_its_calls_not_the_workers(fexec, client, tmp_path):
+    (tmp_path / "only_on_the_client.py").write_text("def triple(x):\n    return 3 * x\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import only_on_the_client
+    finally:
+        sys.path.remove(str(tmp_path))
+    workers = set(client.scheduler_info()["workers"])
+    with pytest.raises(ModuleNotFoundError, match="only_on_the_client"):
+        fexec.get_result(fexec.map(only_on_the_client.triple, [1, 2]))
+    assert set(client.scheduler_info()["workers"]) == workers  # nobody died
+    cloudpickle.register_pickle_by_value(only_on_the_client)  # the fix: ship it by value
+    try:
+        assert fexec.get_result(fexec.map(only_on_the_client.triple, [1, 2])) == [3, 6]
+    finally:
+        cloudpickle.unregister_pickle_by_value(only_on_the_client)

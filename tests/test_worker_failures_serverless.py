@@ -125,7 +125,7 @@ def test_out_of_memory_reason_reaches_the_client_and_close_is_prompt(
         assert time.monotonic() - start < 60
         message = str(info.value)
         assert "ran out of memory" in message and "512.00 MiB" in message
-        assert "raise runtime_memory (up to 10240 MB on AWS Lambda)" in message
+        assert "raise runtime_memory (up to 10240 MB on aws_lambda)" in message
         failures = cluster.worker_failures
         assert failures and {f.kind for f in failures} == {"out-of-memory"}
         reasons = {w["reason"] for w in cluster.usage()["workers"] if w["name"] in

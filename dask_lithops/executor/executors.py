@@ -138,7 +138,6 @@ class FunctionExecutor:
         self._client = None
         self._cluster = None
         self._owns_client = self._owns_cluster = False
-        self._storage = None
         self._storages: dict = {}
 
         if monitoring is not None and monitoring not in MONITORING:
@@ -161,11 +160,11 @@ class FunctionExecutor:
             from dask_lithops.storage.storage import resolve_storage_config
 
             self._storage_config = resolve_storage_config(lithops_config, storage, self.mode)
-        if self._storage_config["backend"] == "localhost" and self.mode != "localhost" and storage:
+        if self._storage_config["backend"] == "localhost" and self.mode != "localhost":
             raise dl_config.ConfigError(
                 f"storage = 'localhost' cannot be used with backend {self.backend!r}: its workers do not "
                 "share this machine's disk; allowed: aws_s3")
-        general = (lithops_config or {}).get("lithops") or {}
+        general = (lithops_config if lithops_config is not None else _lithops_file()).get("lithops") or {}
         self.config = {
             "lithops": {"mode": self.mode, "backend": self.backend,
                         "storage": self._storage_config["backend"],
@@ -306,7 +305,7 @@ class FunctionExecutor:
         if not callable(func):
             raise TypeError(f"the function to run must be callable, not {type(func).__name__}")
         extra_env = _check_env(extra_env)
-        timeout = check_timeout(timeout)
+        timeout = check_timeout(timeout or self.config["lithops"]["execution_timeout"])
         _check_positive_int("chunksize", chunksize, allow_zero=True)
         _check_positive_int("runtime_memory", runtime_memory)
         _check_list("include_modules", include_modules)
@@ -343,7 +342,7 @@ class FunctionExecutor:
         func_bytes = cloudpickle.dumps(func)
         job = {"func": func_bytes, "func_digest": hashlib.sha1(func_bytes).digest(),
                "layout": call_layout(func), "obj": obj_job, "inject_storage": inject_storage,
-               "storage_config": self._worker_storage_config() if (obj_job or inject_storage) else None,
+               "storage_config": self._storage_config if (obj_job or inject_storage) else None,
                "extra_env": extra_env, "timeout": timeout, "reduce_param": reduce_param}
         # The function travels pickled (cloudpickle, as Lithops ships it), once per job;
         # modules registered with cloudpickle.register_pickle_by_value go by value.
@@ -358,9 +357,6 @@ class FunctionExecutor:
         futures = [ResponseFuture(df, f"{i:05d}", info) for i, df in enumerate(dask_futures)]
         self.futures.extend(futures)
         return futures, ppo
-
-    def _worker_storage_config(self) -> dict:
-        return self._storage_config
 
     def call_async(self, func: Callable, data, extra_env: dict | None = None,
                    runtime_memory: int | None = None, timeout: int | None = None,
@@ -582,6 +578,19 @@ def _load_lithops_config(config, config_file):
             raise dl_config.ConfigError(f"config_file {config_file} must be a mapping of sections")
         return data
     return None
+
+
+def _lithops_file() -> dict:
+    """The Lithops config file in effect, as it is (for its general ``lithops`` section)."""
+    path = dl_config.lithops_config_file()
+    if not path or not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return {}  # the cluster's own config resolution reports a broken file
+    return data if isinstance(data, Mapping) else {}
 
 
 def _setup_logging(level) -> None:

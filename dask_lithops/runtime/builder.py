@@ -37,7 +37,7 @@ from dask_lithops.payload import RUNTIME_PACKAGES
 ZIP_LIMIT = 50 * 1024 * 1024  # zipped, direct upload (function or layer)
 UNZIPPED_LIMIT = 250 * 1024 * 1024  # function + all its layers, unzipped
 MAX_LAYERS = 5
-HANDLER = "dask_lithops.serverless.handler.handler"
+HANDLER = "dask_lithops.serverless.backends.aws_lambda.handler.handler"
 BUILDER_VERSION = 2  # bump when what goes into a package changes (cache keys include it)
 
 #: What Lambda's managed Python runtime already has: never packaged (the
@@ -106,6 +106,14 @@ class RuntimePackage:
     @property
     def lambda_runtime(self) -> str:
         return lambda_python_runtime(self.python)
+
+    def describe(self) -> list[str]:
+        """What ``dask-lithops runtime build`` prints."""
+        return [f"runtime {self.name} version {self.version} (python{self.python}, "
+                f"{self.architecture}): {self.zipped_bytes / 2**20:.1f} MB zipped, "
+                f"{self.unzipped_bytes / 2**20:.1f} MB unzipped",
+                f"  function zip: {self.function_zip}",
+                *(f"  layer: {p}" for p in self.layer_zips)]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

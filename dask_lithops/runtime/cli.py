@@ -1,4 +1,9 @@
-"""``dask-lithops runtime build|deploy|list|delete`` (verbs after Lithops')."""
+"""``dask-lithops runtime build|deploy|list|delete [--backend NAME]`` (verbs after Lithops').
+
+Every verb goes through the serverless backend interface
+(:class:`dask_lithops.serverless.backends.base.FaaSBackend`): what a runtime
+package is and where it is deployed is the backend's business.
+"""
 
 from __future__ import annotations
 
@@ -7,40 +12,56 @@ import click
 from dask_lithops.cli import options
 
 
-def _backend(endpoint_url, memory=None, timeout=None):
+def _backend(backend_name, endpoint_url=None, memory=None, timeout=None, *, platform=True,
+             **options):
     from dask_lithops import config
-    from dask_lithops.serverless.backends.aws_lambda import AWSLambdaBackend, resolve_config
+    from dask_lithops.serverless.backends import backend_class
 
     try:
-        cfg = resolve_config(endpoint_url=endpoint_url, runtime_memory=memory,
-                             runtime_timeout=timeout)
-        return AWSLambdaBackend(cfg), cfg
+        name = backend_name or config.get("backend")
+        if name not in _backend_names():
+            name = config.DEFAULT_BACKEND["serverless"]
+        cls = backend_class(name)
+        options = {k: v for k, v in options.items() if v not in (None, (), [])}
+        for k in options:
+            if k not in cls.option_names():
+                raise config.ConfigError(f"--{k.replace('_', '-')} is not an option of the "
+                                         f"{name} backend")
+        cfg = cls.resolve_config(endpoint_url=endpoint_url, runtime_memory=memory,
+                                 runtime_timeout=timeout, **options)
+        return cls(cfg, platform=platform), cfg
     except config.ConfigError as e:
         raise click.ClickException(str(e)) from None
 
 
-def _build(name, extra_packages, requirements_file, architecture, force):
-    from dask_lithops.runtime.builder import RuntimeBuildError, build_runtime
-    from dask_lithops.serverless.backends.aws_lambda import resolve_config
+def _backend_names():
+    from dask_lithops.serverless.backends import BACKENDS
 
-    cfg = resolve_config()
+    return list(BACKENDS)
+
+
+def _build(backend, name, force):
+    from dask_lithops.runtime.builder import RuntimeBuildError
+
     try:
-        return build_runtime(
-            name or cfg.get("runtime") or "default",
-            extra_packages=list(extra_packages) or cfg.get("extra_packages") or [],
-            requirements_file=requirements_file or cfg.get("requirements_file"),
-            architecture=architecture or cfg["architecture"], force=force, log=click.echo)
+        return backend.build_runtime(name, force=force, log=click.echo)
     except RuntimeBuildError as e:
         raise click.ClickException(str(e)) from None
 
 
+_backend_option = click.option(
+    "--backend", "backend_name", type=click.Choice(_backend_names()), default=None,
+    help="serverless backend (default: lithops.backend, else aws_lambda)")
+
 _with_common = options(
     click.argument("name", required=False),
+    _backend_option,
     click.option("--extra-packages", "-e", multiple=True,
                  help="pip names of user libraries to add (repeatable)"),
     click.option("--requirements", "requirements_file", default=None,
                  help="a requirements file of user libraries"),
-    click.option("--architecture", type=click.Choice(["x86_64", "arm64"]), default=None),
+    click.option("--architecture", type=click.Choice(["x86_64", "arm64"]), default=None,
+                 help="aws_lambda only"),
     click.option("--force", is_flag=True, help="rebuild even if cached"),
 )
 
@@ -50,29 +71,33 @@ def runtime():
     """Build and manage function runtimes (serverless mode)."""
 
 
+def _package_options(extra_packages, requirements_file, architecture) -> dict:
+    return {"extra_packages": list(extra_packages), "requirements_file": requirements_file,
+            "architecture": architecture}
+
+
 @runtime.command("build")
 @_with_common
-def build(name, extra_packages, requirements_file, architecture, force):
+def build(name, backend_name, extra_packages, requirements_file, architecture, force):
     """Build the deployment package: dask-lithops + the client's exact versions."""
-    pkg = _build(name, extra_packages, requirements_file, architecture, force)
-    click.echo(f"runtime {pkg.name} version {pkg.version} (python{pkg.python}, "
-               f"{pkg.architecture}): {pkg.zipped_bytes / 2**20:.1f} MB zipped, "
-               f"{pkg.unzipped_bytes / 2**20:.1f} MB unzipped")
-    click.echo(f"  function zip: {pkg.function_zip}")
-    for p in pkg.layer_zips:
-        click.echo(f"  layer: {p}")
+    backend, _ = _backend(backend_name, platform=False,
+                          **_package_options(extra_packages, requirements_file, architecture))
+    pkg = _build(backend, name, force)
+    for line in pkg.describe():
+        click.echo(line)
 
 
 @runtime.command("deploy")
 @_with_common
 @click.option("--memory", type=int, default=None, help="runtime_memory in MB")
 @click.option("--timeout", type=int, default=None, help="runtime_timeout in seconds")
-@click.option("--endpoint-url", default=None, help="Lambda API endpoint (e.g. the emulator)")
-def deploy(name, extra_packages, requirements_file, architecture, force, memory, timeout,
-           endpoint_url):
+@click.option("--endpoint-url", default=None, help="the platform's API endpoint (e.g. an emulator)")
+def deploy(name, backend_name, extra_packages, requirements_file, architecture, force, memory,
+           timeout, endpoint_url):
     """Build (if needed) and deploy a runtime as a function (one per runtime and memory)."""
-    backend, cfg = _backend(endpoint_url, memory, timeout)
-    pkg = _build(name, extra_packages, requirements_file, architecture, force)
+    backend, cfg = _backend(backend_name, endpoint_url, memory, timeout,
+                            **_package_options(extra_packages, requirements_file, architecture))
+    pkg = _build(backend, name, force)
     fn = backend.get_runtime_key(pkg.name, cfg["runtime_memory"], pkg.version)
     if backend.get_runtime_info(fn) is not None:
         if not force:
@@ -85,10 +110,11 @@ def deploy(name, extra_packages, requirements_file, architecture, force, memory,
 
 @runtime.command("list")
 @click.argument("name", required=False)
+@_backend_option
 @click.option("--endpoint-url", default=None)
-def list_(name, endpoint_url):
+def list_(name, backend_name, endpoint_url):
     """Deployed dask-lithops runtimes."""
-    backend, _ = _backend(endpoint_url)
+    backend, _ = _backend(backend_name, endpoint_url)
     rows = backend.list_runtimes(name)
     click.echo(f"{'runtime':<20} {'version':<11} {'memory':>7} {'timeout':>7}  function")
     for r in rows:
@@ -100,10 +126,11 @@ def list_(name, endpoint_url):
 @runtime.command("delete")
 @click.argument("name")
 @click.option("--memory", type=int, default=None, help="only this memory size")
+@_backend_option
 @click.option("--endpoint-url", default=None)
-def delete(name, memory, endpoint_url):
+def delete(name, memory, backend_name, endpoint_url):
     """Delete a runtime's functions (all memory sizes and versions unless --memory)."""
-    backend, _ = _backend(endpoint_url)
+    backend, _ = _backend(backend_name, endpoint_url)
     from dask_lithops.serverless.backends.base import sanitize_runtime_name
 
     n = 0
@@ -117,10 +144,11 @@ def delete(name, memory, endpoint_url):
 
 
 @runtime.command("clean")
+@_backend_option
 @click.option("--endpoint-url", default=None)
-@click.confirmation_option(prompt="Delete every dask-lithops function and layer?")
-def clean(endpoint_url):
-    """Delete every dask-lithops function and layer (nothing else)."""
-    backend, _ = _backend(endpoint_url)
+@click.confirmation_option(prompt="Delete every dask-lithops function (and its artefacts)?")
+def clean(backend_name, endpoint_url):
+    """Delete every dask-lithops function and what it uses (layers), nothing else."""
+    backend, _ = _backend(backend_name, endpoint_url)
     for x in backend.clean():
         click.echo(f"deleted {x}")

@@ -1,10 +1,15 @@
-"""ServerlessCluster: Dask workers as FaaS function invocations (AWS Lambda first).
+"""ServerlessCluster: Dask workers as FaaS function invocations.
 
-Each worker is one asynchronous (``Event``) invocation of a function running
-the shared entry point without a nanny.  Workers dial out to the scheduler and
-sit behind the relay (functions accept no inbound connection), with TLS on by
-default.  A worker retires before its function's deadline; the cluster starts
-its replacement first, so computations may run far longer than one function.
+Each worker is one invocation of a function running the shared entry point
+without a nanny (an ``Event`` invocation on Lambda, a request held open on
+Cloud Run functions).  Workers dial out to the scheduler and sit behind the
+relay (functions accept no inbound connection), with TLS on by default.  A
+worker retires before its function's deadline; the cluster starts its
+replacement first, so computations may run far longer than one function.
+
+Everything specific to one platform lives in its backend package
+(``serverless/backends/<name>/``); this module knows backends only through
+:class:`~dask_lithops.serverless.backends.base.FaaSBackend`.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import inspect
 import logging
 import time
 import uuid
@@ -38,16 +44,28 @@ from dask_lithops.payload import (
     runtime_mismatch,
 )
 from dask_lithops.serverless import reachability
+from dask_lithops.serverless.backends import BACKENDS, backend_class
+from dask_lithops.serverless.backends.base import Invocation
 from dask_lithops.serverless.handler import EXIT_REPORT_OP
 from dask_lithops.serverless.usage import UsageTracker
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = {"aws_lambda": "dask_lithops.serverless.backends.aws_lambda.AWSLambdaBackend"}
-MB_PER_VCPU = 1769  # Lambda: one vCPU per 1769 MB, up to 6 at 10240 MB
-_STOP_WAIT = 15.0
+__all__ = ["BACKENDS", "FunctionWorker", "PayloadTooLarge", "ServerlessCluster", "backend_class"]
+
+_STOP_WAIT = 15.0  # for a stopped worker's exit report
+_END_WAIT = 5.0  # then for its invocation to return (a held request), before cutting it off
 LIFETIME_ATTEMPTS = 2  # workers a task may outlive before it fails (it cannot finish in time)
 _PAYLOAD_FIELDS = tuple(f.name for f in dataclasses.fields(LaunchPayload))
+_CLUSTER_OPTIONS = frozenset(inspect.signature(LithopsCluster.__init__).parameters) - {"self"}
+
+
+def _invocation_failure(report: dict, memory_mb: int) -> dict:
+    """The failure report of an invocation that ended in a platform error."""
+    error = str(report.get("error") or "")
+    if "OutOfMemory" in error or "memory limit" in error.lower():
+        return {"kind": "out-of-memory", "limit": memory_mb * 2**20, "error": error}
+    return {"kind": "error", "error": error or report.get("reason")}
 
 
 class _ProbeWarningFilter(logging.Filter):
@@ -57,43 +75,39 @@ class _ProbeWarningFilter(logging.Filter):
 
 
 class PayloadTooLarge(config.ConfigError):
-    """The launch payload does not fit in an asynchronous invocation."""
+    """The launch payload does not fit in one worker invocation."""
 
 
-def backend_class(name: str):
-    if name not in BACKENDS:
-        raise config.ConfigError(f"lithops.backend = {name!r} is invalid for serverless mode; "
-                                 f"allowed: {', '.join(BACKENDS)}")
-    from distributed.utils import import_term
-
-    return import_term(BACKENDS[name])
-
-
-def threads_for_memory(memory_mb: int) -> int:
-    return max(1, min(6, round(memory_mb / MB_PER_VCPU)))
-
-
-class LambdaWorker(WorkerLauncher):
-    """One worker = one Event invocation of the runtime's function."""
+class FunctionWorker(WorkerLauncher):
+    """One worker = one invocation of the runtime's function (see ``FaaSBackend.start_invocation``)."""
 
     invoked_at: float | None = None
-    request_id: str | None = None
+    invocation: Invocation | None = None
+
+    @property
+    def request_id(self) -> str | None:
+        return self.invocation.request_id if self.invocation else None
 
     async def launch(self, payload: LaunchPayload) -> None:
         cluster = self.cluster
         event = cluster.worker_event(payload)
         self.invoked_at = time.monotonic()
-        record = cluster.usage_tracker.invoked(self.name, cluster.memory)
+        cluster.usage_tracker.invoked(self.name, cluster.memory)
         try:
-            self.request_id = await cluster.invoke(event)
+            self.invocation = await cluster.start_invocation(self.name, event)
+            cluster._invocations[self.name] = self.invocation
         except Exception as e:
             cluster.usage_tracker.forget(self.name)
             raise WorkerLaunchError(f"worker {self.name}: invocation failed: {e}") from e
-        record.request_id = self.request_id
-        record.accepted = time.time()
 
     async def stop(self) -> None:
-        await self.cluster.stop_worker(self.name)
+        cluster = self.cluster
+        await cluster.stop_worker(self.name)
+        if self.invocation is not None:
+            registered = self.name in cluster._addresses or self.name in cluster._exited
+            await self.invocation.end(_END_WAIT if registered else 0.0)
+            cluster._invocations.pop(self.name, None)
+
 
 
 class _Tracker(SchedulerPlugin):
@@ -121,22 +135,26 @@ class ServerlessCluster(LithopsCluster):
     Parameters
     ----------
     backend: str
-        ``"aws_lambda"`` (``lithops.backend``).
+        ``"aws_lambda"`` (default) or ``"gcp_functions"`` (``lithops.backend``).
     n_workers: int
         Workers to start with (``lithops.serverless.n_workers``, default 0).
-    runtime: str
-        Runtime name (``lithops.aws_lambda.runtime``, default ``"default"``).
-    runtime_memory, runtime_timeout, ephemeral_storage, architecture, execution_role,
-    region, vpc, env_vars, user_tags, max_workers, invoke_pool_threads, endpoint_url,
+    runtime, runtime_memory, runtime_timeout, max_workers, invoke_pool_threads, endpoint_url,
     extra_packages, requirements_file:
-        ``lithops.aws_lambda.*`` (Lithops' key names).  ``endpoint_url`` points
-        boto3 at another Lambda API (the offline emulator).
+        ``lithops.<backend>.*`` (Lithops' key names): runtime name (default
+        ``"default"``), function memory (MB) and timeout (s), most concurrent
+        invocations, threads issuing them; ``endpoint_url`` points the backend
+        at another API (the offline emulators).
+    **backend options:
+        any other key of the backend's sections, e.g. ``region``,
+        ``execution_role``, ``architecture`` (``lithops.aws_lambda.*``,
+        ``lithops.aws.*``) or ``project_name``, ``runtime_cpu``,
+        ``credentials_path`` (``lithops.gcp_functions.*``, ``lithops.gcp.*``).
     contact_address: str
         The host workers dial (the scheduler and the relay listen on
-        ``0.0.0.0``).  Required on AWS: a public or VPC address of this host.
-        With the emulator it defaults to the host as its sandboxes see it.
+        ``0.0.0.0``).  Required in the cloud: a public or VPC address of this
+        host.  With an emulator it defaults to the host as its sandboxes see it.
     threads_per_worker: int
-        Default: from the memory, as Lambda gives vCPUs (1 per 1769 MB).
+        Default: one per vCPU the platform gives the function's memory.
     lifetime_margin, replacement_lead:
         Workers retire ``lifetime_margin`` before the function timeout (default
         ``min(60s, 25%)``); their replacement is invoked ``replacement_lead``
@@ -156,53 +174,53 @@ class ServerlessCluster(LithopsCluster):
     """
 
     mode: ClassVar[str] = "serverless"
-    launcher = LambdaWorker
-    name_prefix = "lambda"
+    launcher = FunctionWorker
+    name_prefix = "function"  # the backend's worker_name_prefix, set in __init__
     default_tls = True
     default_scheduler_host = "0.0.0.0"
 
     def __init__(self, n_workers: int | None = None, *, backend: str | None = None,
                  runtime: str | None = None, runtime_memory: int | None = None,
-                 runtime_timeout: int | None = None, ephemeral_storage: int | None = None,
-                 architecture: str | None = None, execution_role: str | None = None,
-                 region: str | None = None, vpc: dict | None = None,
-                 env_vars: dict | None = None, user_tags: dict | None = None,
-                 max_workers: int | None = None, invoke_pool_threads: int | None = None,
-                 endpoint_url: str | None = None, extra_packages: list | None = None,
-                 requirements_file: str | None = None, threads_per_worker: int | None = None,
-                 lifetime_margin=None, replacement_lead=None, usage_report: bool | None = None,
+                 runtime_timeout: int | None = None, max_workers: int | None = None,
+                 invoke_pool_threads: int | None = None, endpoint_url: str | None = None,
+                 extra_packages: list | None = None, requirements_file: str | None = None,
+                 threads_per_worker: int | None = None, lifetime_margin=None,
+                 replacement_lead=None, usage_report: bool | None = None,
                  contact_address: str | None = None, **kwargs):
         if kwargs.pop("relay", True) is False:
             raise config.ConfigError("relay=False is not possible in serverless mode: functions "
                                      "accept no inbound connection")
         if kwargs.pop("nanny", False):
-            raise config.ConfigError("nanny=True is not possible in serverless mode (no "
-                                     "/dev/shm in Lambda)")
-        backend = config.get("backend", backend) or "aws_lambda"
+            raise config.ConfigError("nanny=True is not possible in serverless mode (function "
+                                     "sandboxes have no /dev/shm)")
+        backend = config.get("backend", backend) or config.DEFAULT_BACKEND["serverless"]
         cls = backend_class(backend)
+        backend_options = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.option_names()}
+        unknown = sorted(set(kwargs) - _CLUSTER_OPTIONS)
+        if unknown:
+            raise config.ConfigError(
+                f"{', '.join(unknown)}: not an option of ServerlessCluster(backend={backend!r}); "
+                f"its backend options: {', '.join(sorted(cls.option_names()))}")
         sopts = config.section("serverless", n_workers=n_workers,
                                threads_per_worker=threads_per_worker,
                                lifetime_margin=lifetime_margin,
                                replacement_lead=replacement_lead, usage_report=usage_report)
-        from dask_lithops.serverless.backends.aws_lambda import resolve_config
-
-        bcfg = resolve_config(
+        bcfg = cls.resolve_config(
             runtime=runtime, runtime_memory=runtime_memory, runtime_timeout=runtime_timeout,
-            ephemeral_storage=ephemeral_storage, architecture=architecture,
-            execution_role=execution_role, region=region, vpc=vpc, env_vars=env_vars,
-            user_tags=user_tags, max_workers=max_workers,
-            invoke_pool_threads=invoke_pool_threads, endpoint_url=endpoint_url,
-            extra_packages=extra_packages, requirements_file=requirements_file)
+            max_workers=max_workers, invoke_pool_threads=invoke_pool_threads,
+            endpoint_url=endpoint_url, extra_packages=extra_packages,
+            requirements_file=requirements_file, **backend_options)
         self.backend = cls(bcfg)  # validates: bad input fails before anything is started
         self.backend_config = bcfg
-        self.runtime_name = bcfg.get("runtime") or "default"
-        self.memory = int(bcfg["runtime_memory"])
-        self.timeout = int(bcfg["runtime_timeout"])
+        self.name_prefix = cls.worker_name_prefix
+        self.runtime_name = self.backend.runtime_name
+        self.memory = self.backend.memory
+        self.timeout = self.backend.timeout
         self.max_workers = int(bcfg["max_workers"])
         self.usage_report_on_close = bool(sopts["usage_report"])
         if (sopts["n_workers"] or 0) > self.max_workers:
             raise config.ConfigError(f"n_workers = {sopts['n_workers']} is more than "
-                                     f"lithops.aws_lambda.max_workers = {self.max_workers}")
+                                     f"{cls.key('max_workers')} = {self.max_workers}")
 
         margin = sopts["lifetime_margin"]
         self.lifetime_margin = (parse_timedelta(margin) if margin is not None
@@ -213,7 +231,7 @@ class ServerlessCluster(LithopsCluster):
         self.worker_lifetime = self.timeout - self.lifetime_margin
         if self.worker_lifetime - self.replacement_lead < 2:
             raise config.ConfigError(
-                f"lithops.aws_lambda.runtime_timeout = {self.timeout} leaves no time to work "
+                f"{cls.key('runtime_timeout')} = {self.timeout} leaves no time to work "
                 f"after the lifetime margin ({self.lifetime_margin:.0f}s) and replacement lead "
                 f"({self.replacement_lead:.0f}s); allowed: a longer timeout or smaller margins")
 
@@ -226,14 +244,16 @@ class ServerlessCluster(LithopsCluster):
                 "of this host that functions can reach (a public or VPC address; TLS and the "
                 "relay token keep strangers out)")
 
-        self.usage_tracker = UsageTracker(self.backend.price_per_gb_second,
-                                          self.backend.price_per_request)
+        self.usage_tracker = UsageTracker(
+            self.backend.price_per_gb_second, self.backend.price_per_request,
+            price_per_vcpu_second=self.backend.price_per_vcpu_second, vcpus=self.backend.vcpus)
         self._invoke_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=int(bcfg["invoke_pool_threads"]), thread_name_prefix="dask-lithops-invoke")
         self._addresses: dict[str, str] = {}  # registered worker name -> address
         self._exited: dict[str, asyncio.Event] = {}
         self._exit_reports: dict[str, dict] = {}
-        self._retiring: dict[str, LambdaWorker] = {}
+        self._retiring: dict[str, FunctionWorker] = {}
+        self._invocations: dict[str, Invocation] = {}  # worker name -> its invocation
         self._lifetime_attempts: dict = {}  # task key -> workers it outlived
         self._rotation_task: asyncio.Task | None = None
         self._payload_template: LaunchPayload | None = None
@@ -244,7 +264,8 @@ class ServerlessCluster(LithopsCluster):
         kwargs.setdefault("lifetime", None)
         super().__init__(
             n_workers=sopts["n_workers"],
-            threads_per_worker=sopts["threads_per_worker"] or threads_for_memory(self.memory),
+            threads_per_worker=(sopts["threads_per_worker"]
+                                or self.backend.threads_for_memory(self.memory)),
             memory_limit=self.memory * 1024 * 1024, nanny=False, relay=True,
             contact_address=contact, **kwargs)
         self.lifetime = self.worker_lifetime
@@ -254,13 +275,7 @@ class ServerlessCluster(LithopsCluster):
 
     def ensure_runtime(self) -> str:
         """Build/deploy the runtime if needed and check its versions (blocking)."""
-        from dask_lithops.runtime.builder import build_runtime
-
-        pkg = build_runtime(self.runtime_name,
-                            extra_packages=self.backend_config.get("extra_packages") or [],
-                            requirements_file=self.backend_config.get("requirements_file"),
-                            architecture=self.backend_config["architecture"],
-                            log=logger.info)
+        pkg = self.backend.build_runtime(self.runtime_name, log=logger.info)
         self.runtime_package = pkg
         name = self.backend.get_runtime_key(pkg.name, self.memory, pkg.version)
         info = self.backend.get_runtime_info(name)
@@ -270,8 +285,8 @@ class ServerlessCluster(LithopsCluster):
             raise config.ConfigError(
                 f"function {name} exists with runtime_timeout = {info.timeout}, but "
                 f"{self.timeout} was asked; delete it first (dask-lithops runtime delete "
-                f"{self.runtime_name}) or use its timeout")
-        meta = self.backend.invoke_sync(name, {"dask_lithops": "metadata"})
+                f"{self.runtime_name} --backend {self.backend.name}) or use its timeout")
+        meta = self.backend.get_runtime_meta(name)
         theirs = (meta or {}).get("runtime_key") or {}
         diff = runtime_mismatch(runtime_key(), theirs)
         if diff or not theirs:
@@ -279,7 +294,7 @@ class ServerlessCluster(LithopsCluster):
                 describe_mismatch(diff, where=f"function {name}") if diff else
                 f"function {name} did not report its runtime: {meta!r}")
         self.function_name = name
-        self.backend.prepare_invoke()
+        self.backend.prepare_invoke(name)
         return name
 
     # ------------------------------------------------------------------ lifecycle
@@ -339,7 +354,10 @@ class ServerlessCluster(LithopsCluster):
                                      return_exceptions=True)
             await super()._close()
         finally:
-            self._invoke_pool.shutdown(wait=False, cancel_futures=True)
+            try:
+                await self.backend.aclose()  # ends any invocation still held
+            finally:
+                self._invoke_pool.shutdown(wait=False, cancel_futures=True)
             if self.usage_report_on_close:
                 logger.warning("dask-lithops usage: %s", self.usage_tracker.summary())
 
@@ -368,7 +386,7 @@ class ServerlessCluster(LithopsCluster):
         return dataclasses.replace(template, name=name, relay=relay)
 
     def worker_event(self, payload: LaunchPayload) -> bytes:
-        """The Event invocation's JSON body (encoded once: its size is checked here)."""
+        """The worker invocation's JSON body (encoded once: its size is checked here)."""
         # a shallow dict: dataclasses.asdict deep-copies the TLS material (~0.2 ms); and
         # base64 needs no JSON escaping (json.dumps scans the whole string)
         data = {name: getattr(payload, name) for name in _PAYLOAD_FIELDS}
@@ -379,23 +397,47 @@ class ServerlessCluster(LithopsCluster):
         if size > self.backend.max_event_payload:
             raise PayloadTooLarge(
                 f"the worker launch payload is {size} bytes, over the {self.backend.name} "
-                f"asynchronous invocation limit of {self.backend.max_event_payload} bytes; "
+                f"invocation limit of {self.backend.max_event_payload} bytes; "
                 "it carries the dask config: trim large dask config values")
         return event
 
-    async def invoke(self, event: bytes) -> str:
+    async def start_invocation(self, name: str, event: bytes) -> Invocation:
         if self.function_name is None:
             raise WorkerLaunchError("the runtime is not deployed yet")
         running = self.usage_tracker.running
         if running > self.max_workers:
             raise WorkerLaunchError(f"max_workers = {self.max_workers} invocations reached")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._invoke_pool, self.backend.invoke,
-                                          self.function_name, event)
+        return await self.backend.start_invocation(
+            self.function_name, event, name=name, executor=self._invoke_pool,
+            on_accepted=self._on_accepted, on_end=self._on_invocation_end)
+
+    def _on_accepted(self, name: str, request_id: str | None, when: float) -> None:
+        record = self.usage_tracker.records.get(name)
+        if record is not None:
+            record.request_id = request_id or record.request_id
+            record.accepted = when
+
+    def _on_invocation_end(self, name: str, report: dict) -> None:
+        """A held invocation returned (its response carries the exit report, or the error)."""
+        self._invocations.pop(name, None)
+        record = self.usage_tracker.records.get(name)
+        never_joined = record is not None and record.registered is None
+        if report.get("name") == name:
+            self._on_exit_report(report)
+        else:  # no exit report: the invocation failed, or was cut off after the report
+            self.usage_tracker.ended(name, None if record and record.reason else report)
+            self._exited.setdefault(name, asyncio.Event()).set()
+        failed = report.get("reason") in ("error", "throttled")
+        if failed and self.status == Status.running:
+            logger.warning("worker %s: invocation failed%s: %s", name,
+                           " before the worker started" if never_joined else "",
+                           report.get("error"))
+            if name in self.worker_spec and name not in self._addresses:
+                self.worker_ended(name, _invocation_failure(report, self.memory))
 
     def scale(self, n=0, memory=None, cores=None):
         if n > self.max_workers:
-            logger.warning("scale(%d) capped at lithops.aws_lambda.max_workers = %d", n,
+            logger.warning("scale(%d) capped at %s = %d", n, self.backend.key("max_workers"),
                            self.max_workers)
             n = self.max_workers
         # The workers get the dask config in effect now (the launches happen later, on
@@ -409,6 +451,9 @@ class ServerlessCluster(LithopsCluster):
 
     def _on_worker_added(self, name: str, address: str) -> None:
         self._addresses[name] = address
+        invocation = self._invocations.get(name)
+        if invocation is not None:
+            invocation.joined = True
         self._exited.setdefault(name, asyncio.Event())
         self.usage_tracker.registered(name)
         if name not in self.worker_spec and name not in self._retiring and \
@@ -424,8 +469,10 @@ class ServerlessCluster(LithopsCluster):
         self.usage_tracker.ended(name, self._exit_reports.get(name))
 
     def failure_limits(self) -> dict:
-        return {"memory_option": "runtime_memory", "max_memory": "10240 MB on AWS Lambda",
-                "timeout": self.timeout, "max_timeout": 900}
+        low, high = self.backend.memory_range
+        return {"memory_option": "runtime_memory",
+                "max_memory": f"{high} MB on {self.backend.name}",
+                "timeout": self.timeout, "max_timeout": self.backend.max_timeout}
 
     def _on_exit_report(self, report: dict | None = None, **kwargs) -> None:
         report = report or {}
@@ -480,13 +527,13 @@ class ServerlessCluster(LithopsCluster):
                 continue
             now = time.monotonic()
             for name, w in list(self.workers.items()):
-                if not isinstance(w, LambdaWorker) or w.invoked_at is None:
+                if not isinstance(w, FunctionWorker) or w.invoked_at is None:
                     continue
                 if now - w.invoked_at >= rotate_after and name in self.worker_spec:
                     self._rotate(name, w)
             self._warn_waiting(now)
 
-    def _rotate(self, name: str, old: LambdaWorker) -> None:
+    def _rotate(self, name: str, old: FunctionWorker) -> None:
         """Start ``name``'s replacement now; retire ``name`` once it is there."""
         self._retiring[name] = old
         spec = self.worker_spec.pop(name)
@@ -497,7 +544,7 @@ class ServerlessCluster(LithopsCluster):
         asyncio.ensure_future(self._correct_state())
         asyncio.ensure_future(self._retire_rotated(name, old, new_name))
 
-    async def _retire_rotated(self, name: str, old: LambdaWorker, new_name: str) -> None:
+    async def _retire_rotated(self, name: str, old: FunctionWorker, new_name: str) -> None:
         deadline = old.invoked_at + self.worker_lifetime
         try:
             # 1. the replacement is there (or we are out of time)
@@ -554,7 +601,7 @@ class ServerlessCluster(LithopsCluster):
 
     def _warn_waiting(self, now: float) -> None:
         """Say so when invocations do not turn into workers (unreachable, or throttled)."""
-        waiting = [n for n, w in self.workers.items() if isinstance(w, LambdaWorker)
+        waiting = [n for n, w in self.workers.items() if isinstance(w, FunctionWorker)
                    and w.invoked_at and n not in self._addresses
                    and self.usage_tracker.records.get(n)
                    and self.usage_tracker.records[n].registered is None
@@ -576,7 +623,7 @@ class ServerlessCluster(LithopsCluster):
     # ------------------------------------------------------------------ usage
 
     def usage(self) -> dict:
-        """Per-invocation duration and memory, total GB-seconds and the estimated cost."""
+        """Per-invocation duration and memory, GB-seconds, vCPU-seconds and the estimated cost."""
         return self.usage_tracker.report()
 
     def __repr__(self) -> str:

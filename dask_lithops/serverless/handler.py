@@ -1,4 +1,5 @@
-"""The function entry point: ``dask_lithops.serverless.handler.handler``.
+"""What every backend's function entry point runs (the platform adapters live in
+``backends/<name>/handler.py`` and call :func:`handle_event`).
 
 Events (JSON):
 
@@ -11,8 +12,8 @@ Events (JSON):
   stops it, its lifetime ends or the scheduler is lost; returns the exit report
   and also posts it to the scheduler (Event invocations' results go nowhere).
 
-A worker invocation never raises: a raised error would make Lambda retry the
-event, i.e. start a duplicate worker.
+A worker invocation never raises: a raised error would make a platform retry
+the event, i.e. start a duplicate worker.
 
 The exit report's ``timeline`` holds epoch seconds of the cold path: the
 process' start, this module loaded, the handler called, the worker's imports
@@ -63,12 +64,11 @@ def _setup_logging() -> None:
         logging.getLogger("distributed.utils_perf").setLevel(logging.ERROR)
 
 
-def metadata(event: dict | None = None) -> dict:
+def metadata(event: dict | None = None, memory_mb: int | None = None) -> dict:
     from dask_lithops.payload import runtime_key
 
     out = {"runtime_key": runtime_key(), "machine": platform.machine(),
-           "memory_mb": os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE"),
-           "runtime": os.environ.get("DASK_LITHOPS_RUNTIME"),
+           "memory_mb": memory_mb, "runtime": os.environ.get("DASK_LITHOPS_RUNTIME"),
            "python": sys.version.split()[0]}
     targets = (event or {}).get("dial")
     if targets:
@@ -101,25 +101,37 @@ async def _dial(target: str, timeout: float) -> str | None:
     return None
 
 
-def handler(event, context):
+def handle_event(event, *, remaining: float | None, memory_mb: int | None,
+                 request_id: str | None) -> dict:
+    """Run one event.
+
+    remaining:
+        seconds until the platform kills the invocation (None: no deadline known)
+    memory_mb:
+        the function's memory (the worker's memory limit when the payload says auto)
+    request_id:
+        the platform's id of this invocation (in the exit report)
+    """
     if not isinstance(event, dict) or "dask_lithops" not in event:
         return {"error": "not a dask-lithops event"}
     kind = event["dask_lithops"]
     if kind == "metadata":
-        return metadata(event)
+        return metadata(event, memory_mb)
     if kind != "worker":
         return {"error": f"unknown dask-lithops event {kind!r}"}
     _setup_logging()
     start = time.time()
+    deadline = time.monotonic() + remaining if remaining is not None else None
     try:
-        return asyncio.run(_run(event, context, start))
+        return asyncio.run(_run(event, deadline, memory_mb or 0, request_id, start))
     except BaseException as e:  # noqa: BLE001 -- see the module docstring
         logger.exception("dask-lithops worker failed")
         return {"reason": "error", "error": f"{type(e).__name__}: {e}",
                 "duration": time.time() - start}
 
 
-async def _run(event: dict, context, start: float) -> dict:
+async def _run(event: dict, deadline: float | None, memory_mb: int, request_id: str | None,
+               start: float) -> dict:
     timeline = {"process_start": _PROCESS_START, "module_loaded": _MODULE_LOADED,
                 "handler": start}
     from dask_lithops.payload import RuntimeMismatch, decode_b64, security_from_dict
@@ -130,13 +142,11 @@ async def _run(event: dict, context, start: float) -> dict:
         logger.info("worker event expired before it started: not starting it")
         return {"reason": "expired", "duration": 0.0}
     payload = decode_b64(event["payload"])
-    memory_mb = int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE") or 0)
     if payload.memory_limit in (None, "auto") and memory_mb:
         payload.memory_limit = memory_mb * 1024 * 1024
-    remaining = context.get_remaining_time_in_millis() / 1000 if context else None
-    if remaining is not None:
+    if deadline is not None:
         # never let the platform kill the worker: retire before the deadline
-        cap = max(1.0, remaining - _SAFETY)
+        cap = max(1.0, deadline - time.monotonic() - _SAFETY)
         payload.lifetime = min(payload.lifetime or cap, cap)
         payload.lifetime_stagger = min(payload.lifetime_stagger or 0, payload.lifetime / 10)
     security = security_from_dict(payload.security)
@@ -144,7 +154,7 @@ async def _run(event: dict, context, start: float) -> dict:
         logger.warning("scheduler %s unreachable: not starting worker %s",
                        payload.scheduler_address, payload.name)
         return {"name": payload.name, "reason": "scheduler-unreachable",
-                "duration": time.time() - start}
+                "duration": time.time() - start, "request_id": request_id}
     timeline["reachable"] = time.time()
     try:
         report = await run_worker_async(
@@ -157,7 +167,7 @@ async def _run(event: dict, context, start: float) -> dict:
     report["started"] = start
     report["timeline"] = timeline
     report["memory_mb"] = memory_mb
-    report["request_id"] = getattr(context, "aws_request_id", None)
+    report["request_id"] = request_id
     await _post_report(payload, security, report)
     return report
 

@@ -1,4 +1,6 @@
-"""What a serverless cluster's workers cost: per invocation duration, memory and GB-seconds."""
+"""What a serverless cluster's workers cost: per invocation duration, memory, GB-seconds and
+vCPU-seconds, at the backend's prices (Lambda bills GB-seconds; Cloud Run functions bill
+GiB-seconds and vCPU-seconds; both bill requests)."""
 
 from __future__ import annotations
 
@@ -32,9 +34,12 @@ class InvocationUsage:
 class UsageTracker:
     """Records every worker invocation of one cluster."""
 
-    def __init__(self, price_per_gb_second: float, price_per_request: float = 0.0):
+    def __init__(self, price_per_gb_second: float, price_per_request: float = 0.0, *,
+                 price_per_vcpu_second: float = 0.0, vcpus: float = 0.0):
         self.price_per_gb_second = price_per_gb_second
         self.price_per_request = price_per_request
+        self.price_per_vcpu_second = price_per_vcpu_second
+        self.vcpus = vcpus
         self.records: dict[str, InvocationUsage] = {}
         self.created = time.time()
         self._open: set[str] = set()  # not ended yet
@@ -78,19 +83,29 @@ class UsageTracker:
     def report(self) -> dict:
         now = time.time()
         gbs = sum(r.gb_seconds(now) for r in self.records.values())
+        seconds = sum(r.seconds(now) for r in self.records.values())
+        vcpu_s = seconds * self.vcpus
         n = len(self.records)
         return {
             "invocations": n,
             "running": sum(1 for r in self.records.values() if r.ended is None),
             "gb_seconds": gbs,
-            "seconds": sum(r.seconds(now) for r in self.records.values()),
+            "vcpu_seconds": vcpu_s,
+            "seconds": seconds,
             "price_per_gb_second": self.price_per_gb_second,
-            "estimated_cost_usd": gbs * self.price_per_gb_second + n * self.price_per_request,
+            "price_per_vcpu_second": self.price_per_vcpu_second,
+            "price_per_request": self.price_per_request,
+            "estimated_cost_usd": (gbs * self.price_per_gb_second + n * self.price_per_request
+                                   + vcpu_s * self.price_per_vcpu_second),
             "workers": [asdict(r) for r in self.records.values()],
         }
 
     def summary(self) -> str:
         r = self.report()
+        vcpu = (f", {r['vcpu_seconds']:.1f} vCPU-s" if self.price_per_vcpu_second else "")
+        prices = f"${r['price_per_gb_second']} per GB-s"
+        if self.price_per_vcpu_second:
+            prices += f", ${r['price_per_vcpu_second']} per vCPU-s"
         return (f"{r['invocations']} worker invocations, {r['seconds']:.1f} s, "
-                f"{r['gb_seconds']:.1f} GB-s, estimated cost ${r['estimated_cost_usd']:.6f} "
-                f"(at ${r['price_per_gb_second']} per GB-s)")
+                f"{r['gb_seconds']:.1f} GB-s{vcpu}, estimated cost "
+                f"${r['estimated_cost_usd']:.6f} (at {prices})")

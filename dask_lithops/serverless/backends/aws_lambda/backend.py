@@ -4,6 +4,10 @@ Config keys are Lithops' ``aws_lambda`` (and ``aws``) keys: ``region``,
 ``execution_role``, ``runtime_memory``, ``runtime_timeout``,
 ``ephemeral_storage``, ``architecture``, ``vpc``, ``env_vars``, ``user_tags``,
 ``max_workers``, ``invoke_pool_threads`` plus ``endpoint_url``.
+
+A worker is one asynchronous (``Event``) invocation; the runtime is a zip (and
+layers) built by :mod:`dask_lithops.runtime.builder`, its entry point
+:mod:`dask_lithops.serverless.backends.aws_lambda.handler`.
 """
 
 from __future__ import annotations
@@ -11,15 +15,14 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import random
 import threading
 import time
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from dask_lithops import config as _config
+from dask_lithops.serverless.backends.aws_lambda.invoker import EventInvoker
 from dask_lithops.serverless.backends.base import (
     FUNCTION_PREFIX,
     BackendError,
@@ -34,22 +37,20 @@ logger = logging.getLogger(__name__)
 EMULATOR_ROLE = "arn:aws:iam::123456789012:role/dask-lithops-emulator"
 _THROTTLE_CODES = {"TooManyRequestsException", "ThrottlingException", "EC2ThrottledException",
                    "SlowDown", "RequestLimitExceeded"}
+_CREDENTIALS = ("access_key_id", "secret_access_key", "session_token")
+HANDLER = "dask_lithops.serverless.backends.aws_lambda.handler.handler"
+MB_PER_VCPU = 1769  # Lambda: one vCPU per 1769 MB, up to 6 at 10240 MB
 
 
 def resolve_config(**overrides) -> dict:
     """The ``aws_lambda`` section merged with ``aws`` (credentials, region), validated."""
-    aws = _config.section("aws", **{k: overrides.pop(k) for k in
-                                    ("access_key_id", "secret_access_key", "session_token")
-                                    if k in overrides})
-    cfg = _config.section("aws_lambda", **overrides)
-    cfg["region"] = cfg.get("region") or aws.get("region")
-    for k in ("access_key_id", "secret_access_key", "session_token"):
-        cfg[k] = aws.get(k)
-    return cfg
+    return AWSLambdaBackend.resolve_config(**overrides)
 
 
 class AWSLambdaBackend(FaaSBackend):
     name = "aws_lambda"
+    config_sections = ("aws_lambda", "aws")
+    worker_name_prefix = "lambda"
     max_event_payload = 1024 * 1024  # Event invocations (raised from 256 KB in 2025)
     memory_range = (128, 10240)
     max_timeout = 900
@@ -59,8 +60,8 @@ class AWSLambdaBackend(FaaSBackend):
     network_hint = ("the functions' VPC settings (lithops.aws_lambda.vpc: subnets and security "
                     "groups with a route to the scheduler's host)")
 
-    def __init__(self, config: dict[str, Any]):
-        super().__init__(config)
+    def __init__(self, config: dict[str, Any], *, platform: bool = True):
+        super().__init__(config, platform=platform)
         self.validate()
         self.endpoint_url = config.get("endpoint_url")
         self.region = config["region"] or "us-east-1"
@@ -69,17 +70,34 @@ class AWSLambdaBackend(FaaSBackend):
         self._client = None
         self._sync_client = None
         self._session = None
-        self._event_invoker: _EventInvoker | None = None
+        self._event_invoker: EventInvoker | None = None
         self._event_invoker_checked = False
         self._lock = threading.RLock()  # event_invoker makes the client under it
 
     # ------------------------------------------------------------------ config
 
+    @classmethod
+    def resolve_config(cls, **overrides) -> dict:
+        aws = _config.section("aws", **{k: overrides.pop(k) for k in _CREDENTIALS
+                                        if k in overrides})
+        cfg = _config.section("aws_lambda", **overrides)
+        cfg["region"] = cfg.get("region") or aws.get("region")
+        for k in _CREDENTIALS:
+            cfg[k] = aws.get(k)
+        return cfg
+
+    @property
+    def vcpus(self) -> float:
+        return min(6.0, self.memory / MB_PER_VCPU)
+
+    def threads_for_memory(self, memory_mb: int) -> int:
+        return max(1, min(6, round(memory_mb / MB_PER_VCPU)))
+
     def validate(self) -> None:
         # each key's range is the schema's (checked when the config is resolved);
         # here only the rules across keys
         c = self.config
-        if not c.get("endpoint_url"):
+        if self.platform and not c.get("endpoint_url"):
             # Real AWS: a region and a role are needed.  Against an emulator
             # (endpoint_url) both default (us-east-1, a placeholder role).
             if not c.get("region"):
@@ -171,6 +189,17 @@ class AWSLambdaBackend(FaaSBackend):
 
     # ------------------------------------------------------------------ runtimes
 
+    def build_runtime(self, runtime_name: str | None = None, *, force: bool = False, log=None,
+                      architecture: str | None = None):
+        """The function zip (+ layers) of the runtime: :mod:`dask_lithops.runtime.builder`."""
+        from dask_lithops.runtime.builder import build_runtime
+
+        return build_runtime(runtime_name or self.runtime_name,
+                             extra_packages=self.config.get("extra_packages") or [],
+                             requirements_file=self.config.get("requirements_file"),
+                             architecture=architecture or self.config["architecture"],
+                             force=force, log=log)
+
     def deploy_runtime(self, package, memory: int, timeout: int) -> RuntimeInfo:
         from botocore.exceptions import ClientError
 
@@ -184,7 +213,7 @@ class AWSLambdaBackend(FaaSBackend):
                 **{str(k): str(v) for k, v in (self.config.get("user_tags") or {}).items()}}
         args: dict[str, Any] = dict(
             FunctionName=name, Runtime=package.lambda_runtime, Role=self.role,
-            Handler=package.handler, Code={"ZipFile": Path(package.function_zip).read_bytes()},
+            Handler=HANDLER, Code={"ZipFile": Path(package.function_zip).read_bytes()},
             Description=f"dask-lithops runtime {package.name} {package.version}"[:256],
             Timeout=int(timeout), MemorySize=int(memory), Publish=False,
             Environment={"Variables": env}, Tags=tags,
@@ -319,19 +348,19 @@ class AWSLambdaBackend(FaaSBackend):
     # ------------------------------------------------------------------ invoke
 
     @property
-    def event_invoker(self) -> _EventInvoker | None:
+    def event_invoker(self) -> EventInvoker | None:
         """The lean Event-invoke path (None: boto3's), made once (the invoke pool races)."""
         if not self._event_invoker_checked:
             with self._lock:
                 if not self._event_invoker_checked:
-                    if _EventInvoker.usable():
-                        self._event_invoker = _EventInvoker(
+                    if EventInvoker.usable():
+                        self._event_invoker = EventInvoker(
                             self.client, self.session,
                             pool_size=max(10, int(self.config.get("invoke_pool_threads") or 10)))
                     self._event_invoker_checked = True
         return self._event_invoker
 
-    def prepare_invoke(self) -> None:
+    def prepare_invoke(self, function_name: str | None = None) -> None:
         self.event_invoker  # noqa: B018
 
     def invoke(self, function_name: str, event: dict | bytes) -> str:
@@ -388,82 +417,3 @@ class AWSLambdaBackend(FaaSBackend):
                 return json.loads(r.read()).get("host_address")
         except Exception:
             return None
-
-
-class _EventInvoker:
-    """Event invokes without botocore's per-call machinery.
-
-    A worker launch is one Event invoke, and botocore spends ~1.4 ms of CPU on each
-    (event hooks, request building, validation, response parsing): ~500/s at best
-    with the GIL to itself.  This signs the request with botocore's own SigV4
-    signer and the session's (refreshing) credentials, and sends it on a keep-alive
-    urllib3 pool to the endpoint botocore resolved: ~0.5 ms each.  Everything
-    else (and any setup with a proxy) goes through boto3.
-    """
-
-    _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
-                   "all_proxy")
-
-    @classmethod
-    def usable(cls) -> bool:
-        return not any(os.environ.get(v) for v in cls._PROXY_VARS)
-
-    def __init__(self, client, session, pool_size: int, connect_timeout: float = 10,
-                 read_timeout: float = 60):
-        import botocore
-        import urllib3
-        from botocore.auth import SigV4Auth
-        from botocore.awsrequest import AWSRequest
-        from botocore.httpsession import get_cert_path
-
-        self._SigV4Auth, self._AWSRequest = SigV4Auth, AWSRequest
-        self.endpoint = client.meta.endpoint_url.rstrip("/")
-        self.region = client.meta.region_name
-        self.credentials = session.get_credentials()
-        u = urllib.parse.urlsplit(self.endpoint)
-        self.base_path = u.path.rstrip("/")
-        timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
-        if u.scheme == "https":
-            ca = os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True)
-            self.pool = urllib3.HTTPSConnectionPool(
-                u.hostname, u.port, maxsize=pool_size, timeout=timeout, retries=False,
-                cert_reqs="CERT_REQUIRED", ca_certs=ca)
-        else:
-            self.pool = urllib3.HTTPConnectionPool(u.hostname, u.port, maxsize=pool_size,
-                                                   timeout=timeout, retries=False)
-        self.user_agent = f"dask-lithops botocore/{botocore.__version__}"
-
-    def invoke(self, function_name: str, body: bytes) -> tuple[int, str, str, str]:
-        """(status, error code, error message, request id) of one Event invoke."""
-        from urllib3.exceptions import HTTPError
-
-        from dask_lithops.serverless.backends.base import BackendError
-
-        path = (f"{self.base_path}/2015-03-31/functions/"
-                f"{urllib.parse.quote(function_name, safe='')}/invocations")
-        req = self._AWSRequest(method="POST", url=self.endpoint + path, data=body,
-                               headers={"X-Amz-Invocation-Type": "Event",
-                                        "User-Agent": self.user_agent})
-        creds = self.credentials.get_frozen_credentials() if self.credentials else None
-        if creds is None:
-            raise BackendError("no AWS credentials found (the boto3 credential chain is empty)")
-        self._SigV4Auth(creds, "lambda", self.region).add_auth(req)
-        try:
-            r = self.pool.urlopen("POST", path, body=body, headers=dict(req.headers.items()),
-                                  retries=False)
-        except HTTPError as e:
-            raise BackendError(f"Lambda Invoke (Event) of {function_name}: {e}") from e
-        request_id = r.headers.get("x-amzn-RequestId", "")
-        if r.status == 202:
-            return 202, "", "", request_id
-        code = (r.headers.get("x-amzn-ErrorType") or "").split(":")[0]
-        message = r.data.decode(errors="replace")
-        try:
-            err = json.loads(message)
-            code = code or err.get("__type") or err.get("Type") or err.get("code") or ""
-            code = code.rsplit("#", 1)[-1]
-            message = err.get("message") or err.get("Message") or message
-        except (ValueError, AttributeError):
-            pass
-        return r.status, code, f"{message} (HTTP {r.status}, RequestId {request_id})", \
-            request_id
