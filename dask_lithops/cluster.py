@@ -33,7 +33,7 @@ from distributed.deploy.spec import ProcessInterface, SpecCluster
 from distributed.scheduler import Scheduler
 from distributed.security import Security
 
-from dask_lithops import config
+from dask_lithops import config, progress
 from dask_lithops.failures import (
     FAIL_WAITING_OP,
     PLANNED,
@@ -186,6 +186,9 @@ class LithopsCluster(SpecCluster):
         Worker exits this long after losing its scheduler; retires after ``lifetime``.
     dashboard_address, scheduler_host, scheduler_port, contact_address, scheduler_options:
         Where the in-process scheduler listens and the address workers dial.
+    quiet: bool
+        No console line per start-up phase (``lithops.cluster.quiet``); see
+        :mod:`dask_lithops.progress`.
     """
 
     mode: ClassVar[str] = ""
@@ -219,6 +222,7 @@ class LithopsCluster(SpecCluster):
         silence_logs: str | int | bool | None = None,
         shutdown_on_close: bool = True,
         worker_start_timeout: str | float | None = None,
+        quiet: bool | None = None,
         crash_loop_limit: int | None = None,
     ):
         dashboard_disabled = dashboard_address is None  # an explicit None turns it off
@@ -229,9 +233,11 @@ class LithopsCluster(SpecCluster):
             lifetime_stagger=lifetime_stagger, dashboard_address=dashboard_address,
             scheduler_host=scheduler_host, scheduler_port=scheduler_port,
             contact_address=contact_address, tls=tls, name=name,
-            silence_logs=silence_logs, worker_start_timeout=worker_start_timeout,
+            silence_logs=silence_logs, worker_start_timeout=worker_start_timeout, quiet=quiet,
             crash_loop_limit=crash_loop_limit,
         )
+        if getattr(self, "progress", None) is None:  # a mode may make it earlier (for_cluster)
+            self.progress = progress.for_cluster(opts["quiet"], opts["silence_logs"])
         if n_workers is not None and (not isinstance(n_workers, int) or n_workers < 0):
             raise config.ConfigError(f"n_workers = {n_workers!r} is invalid; allowed: integer >= 0")
         if threads_per_worker is not None and (
@@ -251,6 +257,7 @@ class LithopsCluster(SpecCluster):
         self.contact_host = opts["contact_address"]
         self.worker_options = dict(worker_options or {})
         self.cluster_id = uuid.uuid4().hex[:10]
+        self._local_code = None  # LocalCodeSync once started
         self.crash_loop_limit = int(opts["crash_loop_limit"])
         self.worker_failures: list[WorkerFailure] = []  # every unexpected end, with its reason
         self._failures_in_a_row = 0
@@ -331,6 +338,34 @@ class LithopsCluster(SpecCluster):
                 token=self._security.extra_conn_args["relay_token"])
             await self._relay_server.start()
             self.relay_address = self._relay_contact_address(self._relay_server.address)
+
+        if self._local_code is None and config.get("runtime.local_code"):
+            await self._start_local_code_sync()
+
+    async def _start_local_code_sync(self) -> None:
+        """Ship the client's local modules now and whenever they change (docs/runtime.md)."""
+        from tornado.ioloop import PeriodicCallback
+
+        from dask_lithops.runtime.local_code import LocalCodeSync
+
+        self._local_code = LocalCodeSync(self)
+        await self._local_code.sync()
+        busy = []
+
+        async def rescan():
+            if busy or self.status != Status.running:
+                return
+            busy.append(1)
+            try:
+                await self._local_code.sync()
+            except Exception as e:  # noqa: BLE001 -- keep scanning; the reason is logged
+                logger.warning("shipping local modules to the workers failed: %s", e)
+            finally:
+                busy.clear()
+
+        pc = PeriodicCallback(rescan, 1000)
+        self.periodic_callbacks["dask-lithops-local-code"] = pc
+        pc.start()
 
     async def _close(self):
         for task in list(self._down_checks.values()):
@@ -694,6 +729,12 @@ class LithopsCluster(SpecCluster):
                 if text is not None:
                     logs[f"{name} (process)"] = text
         return logs
+
+    def _repr_html_(self) -> str:
+        html = super()._repr_html_()
+        if getattr(self, "progress", None) is not None and self.progress.records:
+            html += self.progress._repr_html_()
+        return html
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.name!r}, {self.scheduler_address!r}, "

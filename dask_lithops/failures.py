@@ -133,7 +133,9 @@ def describe(name: str, report: dict | None, mode: str = "", limits: dict | None
             msg = (f"{who} cannot run the computation: module {module!r} is a local file of "
                    f"the client ({where['path']}), not in the workers' runtime")
             fix = (f"client.upload_file({where['path']!r}) after creating the Client (for a "
-                   "package directory, upload a zip of it), or install it as a package")
+                   "package directory, upload a zip of it), or install it as a package; "
+                   "modules under the working directory or the script's directory are "
+                   "shipped automatically while lithops.runtime.local_code is true")
         else:
             dist = where["distribution"] or top
             msg = (f"{who} cannot run the computation: module {module!r} is not installed in "

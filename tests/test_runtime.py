@@ -72,3 +72,99 @@ def test_cli_build_deploy_list_delete(core_package):
         assert f"deleted {fn}" in r.output
         r = cli.invoke(runtime, ["list", *url])
         assert "total: 0" in r.output
+
+
+# --------------------------------------------------------------------- contents (package sync)
+
+
+def test_show_lists_what_a_runtime_contains_and_why():
+    cli = CliRunner()
+    r = cli.invoke(runtime, ["build", "--show", "-e", "requests"])
+    assert r.exit_code == 0, r.output
+    rows = {line.split()[0]: line for line in r.output.splitlines()[2:]}
+    assert rows["pandas"].endswith("dask optional dependency")
+    assert md.version("pandas") in rows["pandas"]
+    assert rows["dask"].endswith("dask-lithops dependency")
+    assert rows["requests"].endswith("extra_packages")
+    assert rows["idna"].endswith("extra_packages (requests)")
+    assert "boto3" not in rows and "bokeh" not in rows  # Lambda has boto3; bokeh is the dashboard
+
+    r = cli.invoke(runtime, ["build", "--show", "--no-package-sync"])
+    assert "pandas" not in r.output and "package sync off" in r.output
+
+    r = cli.invoke(runtime, ["build", "--show", "--hosts"])
+    assert r.exit_code == 0, r.output
+    rows = {line.split()[0]: line for line in r.output.splitlines()[2:]}
+    assert rows["pytest"].endswith("client package")
+    assert rows["boto3"].endswith("client package")
+    assert "dask-lithops" not in rows  # travels as code, not as a wheel
+    assert len(rows) == len({d.metadata["Name"] for d in md.distributions()}) - 2  # - pip, itself
+
+    r = cli.invoke(runtime, ["build", "--show", "-e", "surely-not-a-package-xyz"])
+    assert r.exit_code != 0 and "not installed on this client" in r.output
+
+
+def _fake_local_install(tmp_path, version="0.1"):
+    """A project directory and a .dist-info saying it was installed from there (PEP 610)."""
+    project = tmp_path / "proj"
+    (project / "dl_localproj").mkdir(parents=True, exist_ok=True)
+    (project / "dl_localproj" / "__init__.py").write_text(f"VERSION = {version!r}\n")
+    (project / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        f'[project]\nname = "dl-localproj"\nversion = "{version}"\n')
+    info = tmp_path / "site" / f"dl_localproj-{version}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: dl-localproj\nVersion: {version}\n")
+    (info / "direct_url.json").write_text(
+        '{"url": "file://%s", "dir_info": {"editable": true}}' % project)
+    return project, md.PathDistribution(info)
+
+
+def test_local_and_editable_installs_become_wheels(tmp_path):
+    import dask
+
+    from dask_lithops.runtime import contents, wheels
+    from dask_lithops.standalone.remote_runtime import RuntimeSpec
+
+    project, dist = _fake_local_install(tmp_path)
+    dists = {**contents.installed(), "dl-localproj": dist}
+    entries = contents.host_contents(package_sync=True, dists=dists)
+    (entry,) = [e for e in entries if e.name == "dl-localproj"]
+    assert (entry.source, entry.path, entry.reason) == ("editable", str(project),
+                                                        contents.CLIENT)
+    with dask.config.set({"lithops.runtime.wheel_cache": str(tmp_path / "cache")}):
+        built = wheels.build_local_wheels([entry])
+        path, digest = built["dl-localproj"]
+        assert path.name.startswith("dl_localproj-0.1-") and path.suffix == ".whl"
+        names = zipfile.ZipFile(path).namelist()
+        assert "dl_localproj/__init__.py" in names
+        assert wheels.build_local_wheels([entry])["dl-localproj"][1] == digest  # reproducible
+        spec = RuntimeSpec("3.11", {}, [entry], local_wheels=built)
+        key = spec.key
+        (project / "dl_localproj" / "__init__.py").write_text("VERSION = 'edited'\n")
+        spec.local_wheels = wheels.build_local_wheels([entry])
+        assert spec.key != key  # changed code -> a new venv
+
+
+def test_what_cannot_be_reproduced_is_a_warning_naming_it(tmp_path):
+    import dask
+
+    from dask_lithops.runtime import contents, wheels
+    from dask_lithops.standalone.remote_runtime import MissingDistributionsWarning, RuntimeSpec
+
+    entries = [contents.Entry("toolz", md.version("toolz"), contents.CORE),
+               contents.Entry("dl-surely-not-on-any-index", "1.0", contents.CLIENT)]
+    with dask.config.set({"lithops.runtime.wheel_cache": str(tmp_path / "cache")}):
+        spec = RuntimeSpec("3.11", {}, entries)
+        with pytest.warns(MissingDistributionsWarning,
+                          match=r"1 distributions .* left out .*dl-surely-not-on-any-index \("):
+            house = spec.wheelhouse(wheels.Target.client())
+        assert set(house.wheels) == {"toolz"} and set(house.missing) == {
+            "dl-surely-not-on-any-index"}
+        # cached: a second runtime needing toolz downloads nothing
+        from dask_lithops.progress import Progress
+
+        progress = Progress(quiet=True)
+        again = wheels.fetch(entries[:1], wheels.Target.client(), {}, progress)
+        assert again.wheels["toolz"] == house.wheels["toolz"]
+        assert progress.records == []  # no "fetching" phase

@@ -248,7 +248,8 @@ def test_version_mismatch_installs_venv_or_fails_clearly(ssh_hosts, tmp_path):
     from dask_lithops.standalone import StandaloneCluster
     from dask_lithops.standalone.remote_runtime import RuntimeMismatchError
 
-    kw = cluster_kwargs(ssh_hosts, remote_python="/usr/bin/python3")
+    # package_sync=False: the minimal venv (tests/test_package_sync.py syncs the whole environment)
+    kw = cluster_kwargs(ssh_hosts, remote_python="/usr/bin/python3", package_sync=False)
     with pytest.raises(RuntimeMismatchError, match=r"root@.*dask: client \S+, host not installed"):
         StandaloneCluster(install_runtime=False, **kw)
 

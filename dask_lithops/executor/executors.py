@@ -318,10 +318,8 @@ class FunctionExecutor:
             params = set()
         obj_job = "obj" in params and reduce_of is None and is_object_processing_function(func)
         if reduce_of is not None:
-            marker = object()
-            calls = verify_args(func, [(marker,)], extra_args)
-            reduce_param = next((k for k, v in calls[0].items() if v is marker), None)
-            calls = [{**calls[0], reduce_param: None} for _ in reduce_of]
+            reduce_param, call = _reduce_call(func, extra_args)
+            calls = [call for _ in reduce_of]
             deps = [[f.dask_future for f in group] for group in reduce_of]
         else:
             reduce_param = None
@@ -399,6 +397,7 @@ class FunctionExecutor:
         """Map, then ``reduce_function`` over the list of map outputs (one per object with
         ``obj_reduce_by_key``; ``reducer_one_per_object`` is its older Lithops name)."""
         check_return_when(spawn_reducer)
+        _reduce_call(reduce_function, extra_args_reduce)  # a bad reducer fails before the maps run
         if reducer_one_per_object is not None:
             obj_reduce_by_key = obj_reduce_by_key or bool(reducer_one_per_object)
         self.last_call = "map_reduce"
@@ -439,6 +438,8 @@ class FunctionExecutor:
         """``(fs_done, fs_notdone)`` once ``return_when`` of ``fs`` (default: all of this
         executor's futures) have completed; see :func:`dask_lithops.wait`.  ``clean_jobs``
         is accepted (Lithops' temporary job data does not exist here)."""
+        check_return_when(return_when)
+        check_timeout(timeout)
         futures = fs or self.futures
         if isinstance(futures, ResponseFuture):
             futures = [futures]
@@ -552,6 +553,19 @@ class FunctionExecutor:
                 self.cleaned_jobs.add(f.job_key)
         if fs is None:
             self._close()
+
+
+def _reduce_call(func, extra_args) -> tuple[str, dict]:
+    """The reducer's parameter for the map results, and its call (results left out)."""
+    if not callable(func):
+        raise TypeError(f"reduce_function must be callable, not {type(func).__name__}")
+    marker = object()
+    call = verify_args(func, [(marker,)], extra_args)[0]
+    param = next((k for k, v in call.items() if v is marker), None)
+    if param is None:
+        raise TypeError(f"reduce_function {getattr(func, '__name__', func)}{inspect.signature(func)} "
+                        "must take the list of map results as its first parameter")
+    return param, {**call, param: None}
 
 
 def _lithops_temp_dir() -> str:

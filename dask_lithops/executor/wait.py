@@ -152,14 +152,14 @@ def wait(fs, internal_storage=None, job_monitor=None, throw_except=True, return_
     """
     from dask_lithops.executor.future import FuturesList, ResponseFuture
 
+    return_when = check_return_when(return_when)
+    timeout = check_timeout(timeout)
     if not fs:
         return
     if isinstance(fs, ResponseFuture):
         fs = [fs]
     elif not isinstance(fs, (list, FuturesList)):
         fs = list(fs)
-    return_when = check_return_when(return_when)
-    timeout = check_timeout(timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
 
     progress = None

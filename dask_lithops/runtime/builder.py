@@ -32,6 +32,9 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 from dask_lithops.payload import RUNTIME_PACKAGES
+from dask_lithops.progress import SILENT, format_bytes
+
+from . import code, contents
 
 # Lambda's limits (https://docs.aws.amazon.com/lambda/latest/dg/gettingstarted-limits.html)
 ZIP_LIMIT = 50 * 1024 * 1024  # zipped, direct upload (function or layer)
@@ -66,8 +69,7 @@ class RuntimeBuildError(RuntimeError):
     """The runtime cannot be built (or does not fit); the message says what to do."""
 
 
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+_canonical = contents.canonical
 
 
 def lambda_python_runtime(python: str | None = None) -> str:
@@ -126,46 +128,45 @@ class RuntimePackage:
 # --------------------------------------------------------------------- closure
 
 
-def _requirements(dist: md.Distribution, extras: set[str] = frozenset()) -> list[Requirement]:
-    out = []
-    env_extras = [""] + sorted(extras)
-    for text in dist.requires or ():
-        r = Requirement(text)
-        if r.marker is not None and not any(r.marker.evaluate({"extra": e}) for e in env_extras):
-            continue
-        out.append(r)
-    return out
-
-
 def closure(roots: list[str], exclude=PROVIDED,
             hint: str = "or remove it from extra_packages") -> dict[str, md.Distribution]:
     """Installed distributions ``roots`` need (``name`` or ``name[extra]``), minus ``exclude``.
 
     A missing one is a :class:`RuntimeBuildError` naming it, ending with ``hint``.
     """
-    seen: dict[str, md.Distribution] = {}
-    todo = [Requirement(r) for r in roots]
-    while todo:
-        req = todo.pop()
-        name = _canonical(req.name)
-        if name in exclude:
-            continue
-        try:
-            dist = md.distribution(name)
-        except md.PackageNotFoundError:
-            raise RuntimeBuildError(
-                f"{req.name!r} is needed in the runtime but not installed on this client; "
-                f"install it (pip install {req.name}) {hint}") from None
-        if name in seen and not req.extras:
-            continue
-        seen[name] = dist
-        todo.extend(_requirements(dist, set(req.extras)))
-    return seen
+    try:
+        return contents.closure(roots, exclude=exclude, hint=hint)
+    except contents.MissingPackageError as e:
+        raise RuntimeBuildError(str(e)) from None
 
 
 def core_roots() -> list[str]:
-    roots = ["dask", "distributed", *RUNTIME_PACKAGES]
-    return roots
+    return ["dask", "distributed", *RUNTIME_PACKAGES]
+
+
+def function_roots(extra_packages=(), package_sync: bool | None = None) -> dict[str, str]:
+    """{requirement: reason} of a function's user libraries: with package sync the client's
+    installed dask optional dependencies, plus ``extra_packages``."""
+    if package_sync is None:
+        from dask_lithops import config
+
+        package_sync = bool(config.get("runtime.package_sync"))
+    roots = contents.lambda_roots(extra_packages, package_sync)
+    return {r: why for r, why in roots.items()
+            if why == contents.EXTRA or _canonical(Requirement(r).name) not in PROVIDED | NEVER}
+
+
+def function_contents(extra_packages=(), package_sync: bool | None = None) -> list[contents.Entry]:
+    """What a function runtime will contain, each distribution with why (for ``--show``)."""
+    core = closure(core_roots(), exclude=PROVIDED | NEVER)
+    roots = function_roots(extra_packages, package_sync)
+    out = {n: contents.Entry(n, d.version, contents.CORE) for n, d in core.items()}
+    for root, why in roots.items():
+        top = _canonical(Requirement(root).name)
+        for n, d in closure([root], exclude=PROVIDED | NEVER).items():
+            if n not in out:
+                out[n] = contents.Entry(n, d.version, why if n == top else f"{why} ({top})")
+    return [out[n] for n in sorted(out)]
 
 
 # --------------------------------------------------------------------- files
@@ -199,37 +200,15 @@ def distribution_files(dist: md.Distribution) -> list[tuple[Path, str]]:
 
 
 def _self_files() -> list[tuple[Path, str]]:
-    """dask_lithops itself (installed editable: its files, not its RECORD) + metadata."""
-    import dask_lithops
-
-    root = Path(dask_lithops.__file__).parent
-    out = []
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root.parent).as_posix()
-        if p.is_file() and "__pycache__" not in rel and p.suffix in (".py", ".yaml", ".json") \
-                and not rel.startswith(_SELF_EXCLUDE):
-            out.append((p, rel))
-    return out
-
-
-# Parts of dask_lithops a function never imports (client-side only).
-_SELF_EXCLUDE = ("dask_lithops/testing/", "dask_lithops/standalone/", "dask_lithops/runtime/",
-                 "dask_lithops/cli.py", "dask_lithops/relay/cli.py")
+    return code.files(for_function=True)
 
 
 def _self_metadata(version: str) -> dict[str, bytes]:
-    d = f"dask_lithops-{version}.dist-info"
-    meta = f"Metadata-Version: 2.1\nName: dask-lithops\nVersion: {version}\n"
-    eps = ("[distributed.comm.backends]\nrelay = dask_lithops.relay.comm:RelayBackend\n")
-    return {f"{d}/METADATA": meta.encode(), f"{d}/entry_points.txt": eps.encode(),
-            f"{d}/top_level.txt": b"dask_lithops\n"}
+    return code.metadata(version)
 
 
 def _self_version() -> str:
-    try:
-        return md.version("dask-lithops")
-    except md.PackageNotFoundError:
-        return "0+unknown"
+    return code.version()
 
 
 # --------------------------------------------------------------------- hashing
@@ -308,14 +287,18 @@ def build_runtime(name: str = "default", *, extra_packages: list[str] | None = N
                   requirements_file: str | None = None, python: str | None = None,
                   architecture: str = "x86_64", cache_dir: str | os.PathLike | None = None,
                   zip_limit: int = ZIP_LIMIT, unzipped_limit: int = UNZIPPED_LIMIT,
-                  force: bool = False, log=None) -> RuntimePackage:
+                  force: bool = False, log=None, package_sync: bool | None = None,
+                  progress=None) -> RuntimePackage:
     """Build (or reuse from the cache) the deployment package of a runtime.
 
     ``extra_packages`` are pip requirement names of user libraries (installed on
-    this client for the fast path); they go into layers when the function zip
-    would pass ``zip_limit``.
+    this client for the fast path); with ``package_sync`` (default
+    ``lithops.runtime.package_sync``) the client's installed ``dask[complete]``
+    dependencies are added.  They go into layers when the function zip would
+    pass ``zip_limit``.
     """
     log = log or (lambda msg: None)
+    progress = progress or SILENT
     python = python or "%d.%d" % sys.version_info[:2]
     if architecture not in ("x86_64", "arm64"):
         raise RuntimeBuildError(f"architecture = {architecture!r} is invalid; allowed: "
@@ -323,6 +306,8 @@ def build_runtime(name: str = "default", *, extra_packages: list[str] | None = N
     extras = list(extra_packages or [])
     if requirements_file:
         extras += _read_requirements(requirements_file)
+    reasons = function_roots(extras, package_sync)
+    extras = list(reasons)
     if not fast_path_possible(python, architecture):
         return _build_with_pip(name, python, architecture, extras, cache_dir, zip_limit,
                                unzipped_limit, force, log)
@@ -340,13 +325,21 @@ def build_runtime(name: str = "default", *, extra_packages: list[str] | None = N
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if manifest.exists() and not force:
-            return RuntimePackage.load(manifest)
+            pkg = RuntimePackage.load(manifest)
+            progress.note(f"runtime {name} ({version}) from the cache: "
+                          f"{format_bytes(pkg.zipped_bytes)} zipped")
+            return pkg
         log(f"building runtime {name} ({version}): {len(core)} core + {len(extra)} extra "
             f"distributions for python{python} {architecture}")
         tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
         try:
-            pkg = _assemble(name, version, python, architecture, core, extra, self_files, dists,
-                            tmp, zip_limit, unzipped_limit)
+            with progress.phase(f"building runtime {name} ({len(core)} core + {len(extra)} "
+                                f"user distributions)") as ph:
+                pkg = _assemble(name, version, python, architecture, core, extra, self_files,
+                                dists, tmp, zip_limit, unzipped_limit, reasons)
+                ph.detail = (f"{format_bytes(pkg.zipped_bytes)} zipped, "
+                             f"{format_bytes(pkg.unzipped_bytes)} unzipped, "
+                             f"{len(pkg.layer_zips)} layers")
             shutil.rmtree(tmp / "pyc", ignore_errors=True)
             if target.exists():
                 shutil.rmtree(target)
@@ -359,7 +352,8 @@ def build_runtime(name: str = "default", *, extra_packages: list[str] | None = N
 
 
 def _assemble(name, version, python, architecture, core, extra, self_files, dists, tmp: Path,
-              zip_limit, unzipped_limit) -> RuntimePackage:
+              zip_limit, unzipped_limit, reasons=None) -> RuntimePackage:
+    reasons = reasons or {}
     work = tmp / "pyc"
     work.mkdir()
     fz = _Zip(tmp / "function.zip")
@@ -399,8 +393,11 @@ def _assemble(name, version, python, architecture, core, extra, self_files, dist
             f"MB unzipped for a function and its layers and {MAX_LAYERS} layers of "
             f"{zip_limit / 2**20:.0f} MB zipped. Biggest extra packages: "
             + ", ".join(f"{n} {s / 2**20:.0f} MB" for s, n in biggest)
-            + ". Remove packages from extra_packages, or use a container image runtime "
-              "(up to 10 GB).")
+            + ". Remove packages from extra_packages"
+            + (", or drop dask's optional dependencies with package_sync=False "
+               "(lithops.runtime.package_sync)" if any(r == contents.DASK_OPTIONAL
+                                                       for r in reasons.values()) else "")
+            + ", or use a container image runtime (up to 10 GB).")
     from dask_lithops.payload import runtime_key as client_key
 
     key = dict(client_key())

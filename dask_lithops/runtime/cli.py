@@ -40,13 +40,36 @@ def _backend_names():
     return list(BACKENDS)
 
 
-def _build(backend, name, force):
+def _build(backend, name, force, package_sync=None):
+    from dask_lithops.progress import Progress
     from dask_lithops.runtime.builder import RuntimeBuildError
 
     try:
-        return backend.build_runtime(name, force=force, log=click.echo)
+        return backend.build_runtime(name, force=force, log=click.echo,
+                                     package_sync=package_sync, progress=Progress())
     except RuntimeBuildError as e:
         raise click.ClickException(str(e)) from None
+
+
+def show_contents(for_hosts: bool, extra_packages, package_sync) -> None:
+    """Print what a runtime will contain, one distribution a line, with why (docs/runtime.md)."""
+    from dask_lithops.runtime import contents
+    from dask_lithops.runtime.builder import RuntimeBuildError, function_contents
+
+    try:
+        if for_hosts:
+            entries = contents.host_contents(extra_packages, package_sync)
+        else:
+            entries = function_contents(extra_packages, package_sync)
+    except (RuntimeBuildError, contents.MissingPackageError) as e:
+        raise click.ClickException(str(e)) from None
+    what = "SSH/EC2 hosts' runtime venv" if for_hosts else "function runtime"
+    sync = "on" if package_sync else "off"
+    click.echo(f"{what}: {len(entries)} distributions (package sync {sync})")
+    click.echo(f"{'distribution':<32} {'version':<16} why")
+    for e in entries:
+        source = f" [{e.source} {e.path}]" if e.source != "index" else ""
+        click.echo(f"{e.name:<32} {e.version:<16} {e.reason}{source}")
 
 
 _backend_option = click.option(
@@ -78,11 +101,28 @@ def _package_options(extra_packages, requirements_file, architecture) -> dict:
 
 @runtime.command("build")
 @_with_common
-def build(name, backend_name, extra_packages, requirements_file, architecture, force):
+@click.option("--show", is_flag=True,
+              help="list what the runtime will contain and why; build nothing")
+@click.option("--hosts", "for_hosts", is_flag=True,
+              help="with --show: the runtime venv of SSH/EC2 hosts instead of a function's")
+@click.option("--package-sync/--no-package-sync", default=None,
+              help="the client's packages in the runtime (default: lithops.runtime.package_sync)")
+def build(name, backend_name, extra_packages, requirements_file, architecture, force, show,
+          for_hosts, package_sync):
     """Build the deployment package: dask-lithops + the client's exact versions."""
+    from dask_lithops import config
+
+    package_sync = config.get("runtime.package_sync", package_sync)
+    if show:
+        extras = list(extra_packages)
+        if requirements_file:
+            from dask_lithops.runtime.builder import _read_requirements
+
+            extras += _read_requirements(requirements_file)
+        return show_contents(for_hosts, extras, package_sync)
     backend, _ = _backend(backend_name, platform=False,
                           **_package_options(extra_packages, requirements_file, architecture))
-    pkg = _build(backend, name, force)
+    pkg = _build(backend, name, force, package_sync)
     for line in pkg.describe():
         click.echo(line)
 

@@ -43,6 +43,7 @@ from dask_lithops.payload import (
     runtime_key,
     runtime_mismatch,
 )
+from dask_lithops.progress import format_bytes
 from dask_lithops.serverless import reachability
 from dask_lithops.serverless.backends import BACKENDS, backend_class
 from dask_lithops.serverless.backends.base import Invocation
@@ -149,6 +150,10 @@ class ServerlessCluster(LithopsCluster):
         ``execution_role``, ``architecture`` (``lithops.aws_lambda.*``,
         ``lithops.aws.*``) or ``project_name``, ``runtime_cpu``,
         ``credentials_path`` (``lithops.gcp_functions.*``, ``lithops.gcp.*``).
+    package_sync: bool
+        The function carries the client's installed versions of dask's optional
+        dependencies (numpy, pandas, pyarrow, ...) besides ``extra_packages``
+        (``lithops.runtime.package_sync``, default true).  See docs/runtime.md.
     contact_address: str
         The host workers dial (the scheduler and the relay listen on
         ``0.0.0.0``).  Required in the cloud: a public or VPC address of this
@@ -186,7 +191,8 @@ class ServerlessCluster(LithopsCluster):
                  extra_packages: list | None = None, requirements_file: str | None = None,
                  threads_per_worker: int | None = None, lifetime_margin=None,
                  replacement_lead=None, usage_report: bool | None = None,
-                 contact_address: str | None = None, **kwargs):
+                 contact_address: str | None = None, package_sync: bool | None = None,
+                 **kwargs):
         if kwargs.pop("relay", True) is False:
             raise config.ConfigError("relay=False is not possible in serverless mode: functions "
                                      "accept no inbound connection")
@@ -210,6 +216,7 @@ class ServerlessCluster(LithopsCluster):
             max_workers=max_workers, invoke_pool_threads=invoke_pool_threads,
             endpoint_url=endpoint_url, extra_packages=extra_packages,
             requirements_file=requirements_file, **backend_options)
+        self.package_sync = bool(config.get("runtime.package_sync", package_sync))
         self.backend = cls(bcfg)  # validates: bad input fails before anything is started
         self.backend_config = bcfg
         self.name_prefix = cls.worker_name_prefix
@@ -275,12 +282,17 @@ class ServerlessCluster(LithopsCluster):
 
     def ensure_runtime(self) -> str:
         """Build/deploy the runtime if needed and check its versions (blocking)."""
-        pkg = self.backend.build_runtime(self.runtime_name, log=logger.info)
+        pkg = self.backend.build_runtime(self.runtime_name, log=logger.info,
+                                         package_sync=self.package_sync, progress=self.progress)
         self.runtime_package = pkg
         name = self.backend.get_runtime_key(pkg.name, self.memory, pkg.version)
         info = self.backend.get_runtime_info(name)
         if info is None:
-            self.backend.deploy_runtime(pkg, self.memory, self.timeout)
+            with self.progress.phase(f"deploying function {name}") as phase:
+                self.backend.deploy_runtime(pkg, self.memory, self.timeout)
+                layers = getattr(pkg, "layer_zips", None)
+                phase.detail = f"{format_bytes(pkg.zipped_bytes)} zipped" + (
+                    f", {len(layers)} layers" if layers is not None else "")
         elif info.timeout != self.timeout:
             raise config.ConfigError(
                 f"function {name} exists with runtime_timeout = {info.timeout}, but "

@@ -10,6 +10,10 @@ shared entry point ``python -m dask_lithops.worker``.  One spec entry is one
 host (``group`` = its processes), so ``scale()`` adds or removes whole hosts,
 retiring their workers gracefully; ``close()`` stops every process it started
 and verifies on each host that none remains.
+
+This module holds only the cluster's own state (hosts held, scaling, release):
+hosts are prepared by :mod:`.hosts`, processes run by :mod:`.launchers` (which
+see a host handle, not this class), SSH is :mod:`.ssh_transport`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import ClassVar
 
 from distributed.core import Status
 
-from dask_lithops import config
+from dask_lithops import config, progress
 from dask_lithops.cluster import LithopsCluster
 
 from .hosts import HostSetup, PreparedHost
@@ -83,8 +87,13 @@ class StandaloneCluster(LithopsCluster):
         The host's Python (default: ``python3.X`` matching the client, or ``python3``).
     install_runtime: bool
         Install the client's exact package versions into a venv where hosts differ.
-    extra_python_packages: list of str
-        More packages for the hosts' runtime venv (Lithops' key).
+    extra_python_packages, extra_packages: list of str
+        More packages for the hosts' runtime venv (installed on the client: shipped at
+        the client's version).
+    package_sync: bool
+        The hosts' runtime venv gets every distribution of the client's environment
+        (``lithops.runtime.package_sync``, default true); false: dask-lithops'
+        dependencies and the extra packages only.  See docs/runtime.md.
     exec_mode, n_vms, soft_dismantle_timeout, hard_dismantle_timeout, start_timeout,
     start_retries, region, endpoint_url, worker_instance_type, target_ami, ...:
         ``aws_ec2`` (``lithops.standalone.*`` / ``lithops.aws_ec2.*``, Lithops' key
@@ -110,7 +119,8 @@ class StandaloneCluster(LithopsCluster):
                  connect_timeout: float | None = None, remote_dir: str | None = None,
                  remote_python: str | None = None, install_runtime: bool | None = None,
                  extra_python_packages: list[str] | None = None,
-                 stop_grace: float | None = None, **kwargs):
+                 stop_grace: float | None = None, package_sync: bool | None = None,
+                 extra_packages: list[str] | None = None, **kwargs):
         if backend is None:
             default = config.get("backend")
             backend = default if default in BACKENDS else "ssh"
@@ -154,7 +164,10 @@ class StandaloneCluster(LithopsCluster):
         self._grows: set[asyncio.Task] = set()
         self._used: set[int] = set()            # hosts given workers (released when they lose them)
         self._scheduler_host: PreparedHost | None = None  # a remote scheduler's own host, if any
-        self._setup = HostSetup.from_options(ssh, opts)
+        self.progress = progress.for_cluster(kwargs.get("quiet"), kwargs.get("silence_logs")
+                                             or config.get("cluster.silence_logs"))
+        self._setup = HostSetup.from_options(ssh, opts, package_sync=package_sync,
+                                             extra_packages=extra_packages, progress=self.progress)
         self._runtime_spec = self._setup.runtime_spec
         kwargs.setdefault("n_workers", 0)
         super().__init__(threads_per_worker=opts["threads_per_worker"] or 1,
@@ -187,7 +200,13 @@ class StandaloneCluster(LithopsCluster):
         reach_port = None
 
         async def workers():
-            specs = await self.provider.acquire(self.provider.initial)
+            if hasattr(self.provider, "vms"):  # VMs boot: minutes, say so
+                with self.progress.phase(f"starting {self.provider.initial} "
+                                         f"{self.provider.name} VMs") as phase:
+                    specs = await self.provider.acquire(self.provider.initial)
+                    phase.detail = f"{len(specs)} reachable over SSH"
+            else:
+                specs = await self.provider.acquire(self.provider.initial)
             return await self._prepare_specs(specs, reach_port)
 
         try:

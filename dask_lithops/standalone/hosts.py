@@ -19,6 +19,8 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from dask_lithops.progress import SILENT, Progress
+
 from .remote_runtime import HostRuntime, RuntimeSpec, client_runtime, prepare_host
 from .ssh_transport import (
     HostSpec,
@@ -116,15 +118,22 @@ class HostSetup:
     remote_python: str | None = None
     install_runtime: bool = True
     worker_processes: int | str | None = "AUTO"
+    progress: Progress = SILENT
 
     @classmethod
-    def from_options(cls, ssh: dict, standalone: dict) -> HostSetup:
-        """From resolved ``lithops.ssh`` and ``lithops.standalone`` options."""
+    def from_options(cls, ssh: dict, standalone: dict, package_sync: bool | None = None,
+                     extra_packages=(), progress: Progress = SILENT) -> HostSetup:
+        """From resolved ``lithops.ssh`` and ``lithops.standalone`` options.
+
+        ``package_sync`` (None: ``lithops.runtime.package_sync``) and ``extra_packages``
+        decide what the runtime holds (docs/runtime.md); ``progress`` reports its phases.
+        """
+        extras = [*(standalone.get("extra_python_packages") or ()), *(extra_packages or ())]
         return cls(connect_defaults(ssh),
-                   client_runtime(standalone.get("extra_python_packages") or ()),
+                   client_runtime(extras, package_sync, progress),
                    remote_dir=standalone["remote_dir"], remote_python=standalone["remote_python"],
                    install_runtime=bool(standalone["install_runtime"]),
-                   worker_processes=standalone.get("worker_processes"))
+                   worker_processes=standalone.get("worker_processes"), progress=progress)
 
     def prepare(self, spec: HostSpec, index: int = 0,
                 reach_port: int | None = None) -> PreparedHost:
@@ -138,7 +147,8 @@ class HostSetup:
         try:
             rt = prepare_host(conn, self.runtime_spec, remote_dir=self.remote_dir,
                               remote_python=self.remote_python,
-                              install_runtime=self.install_runtime, reach_port=reach_port)
+                              install_runtime=self.install_runtime, reach_port=reach_port,
+                              progress=self.progress)
         except BaseException:
             conn.close()
             raise
@@ -151,9 +161,17 @@ class HostSetup:
 
         On failure every host that did connect is closed again.
         """
-        results = await asyncio.gather(
-            *(run_in_ssh_thread(self.prepare, s, first_index + k, reach_port)
-              for k, s in enumerate(specs)), return_exceptions=True)
+        with self.progress.phase(f"preparing {len(specs)} hosts", total=len(specs),
+                                 unit="hosts") as phase:
+            def prepare(spec, index):
+                host = self.prepare(spec, index, reach_port)
+                phase.advance()
+                return host
+
+            results = await asyncio.gather(
+                *(run_in_ssh_thread(prepare, s, first_index + k) for k, s in enumerate(specs)),
+                return_exceptions=True)
+            phase.detail = self._describe([r for r in results if isinstance(r, PreparedHost)])
         errors = {str(s): r for s, r in zip(specs, results) if isinstance(r, BaseException)}
         if errors:
             for r in results:
@@ -161,3 +179,10 @@ class HostSetup:
                     r.close()
             raise combine_errors(errors)
         return list(results)
+
+    def _describe(self, hosts: list[PreparedHost]) -> str:
+        key = self.runtime_spec.key
+        installed = sum(h.runtime.installed for h in hosts)
+        in_venv = sum(f"/runtimes/{key}/" in h.runtime.python for h in hosts)
+        return f"runtime {key}, " + (f"venv installed by {installed} hosts" if installed else
+                                     "venv reused" if in_venv else "hosts' Python used as it is")

@@ -1,13 +1,18 @@
 """The runtime on an SSH host: which Python runs the workers, with which packages.
 
-One remote Python snippet per host reports its Python, the versions of the
-packages that must match the client (dask, distributed, cloudpickle, msgpack),
-its cores, ``$HOME`` and ``$SSH_CONNECTION`` (the client's address as the host
-sees it).  When the versions match, the host's Python is used as it is; when
-they differ the client's exact versions are installed into a per-runtime venv
-``<remote_dir>/runtimes/<key>`` (built once under a file lock, reused by every
-later cluster), or, with installation disabled, a :class:`RuntimeMismatchError`
-names the host and every mismatched version.
+One remote Python snippet per host reports its Python, every distribution
+installed in it, its cores, ``$HOME`` and ``$SSH_CONNECTION`` (the client's
+address as the host sees it).  When that Python already has the runtime's
+distributions at the client's versions it is used as it is; otherwise they
+are installed into a per-runtime venv ``<remote_dir>/runtimes/<key>`` (built
+once under a file lock, reused by every later cluster with the same set), or,
+with installation disabled, a :class:`RuntimeMismatchError` names the host and
+the mismatched versions.
+
+What the venv holds is :func:`dask_lithops.runtime.contents.host_contents`:
+with package sync every distribution of the client's environment, at the
+client's exact versions, as wheels made on the client
+(:mod:`dask_lithops.runtime.wheels`) and uploaded (hosts need no index).
 
 dask-lithops itself (pure Python) is shipped to ``<remote_dir>/code/<hash>``
 with a ``.dist-info`` (so its entry points, e.g. the ``relay://`` comm, are
@@ -16,22 +21,18 @@ found) and put first on ``PYTHONPATH`` for the processes we start.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import io
 import json
-import os
-import platform
-import re
-import subprocess
 import sys
-import tarfile
+import threading
+import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, distribution, requires
 
 from dask_lithops.payload import RUNTIME_PACKAGES
-from dask_lithops.payload import installed_version as _version
+from dask_lithops.progress import SILENT, Progress, format_bytes
+from dask_lithops.runtime import code, contents, wheels
 
 from .ssh_transport import SSHConnection, SSHError, quote
 
@@ -44,18 +45,8 @@ class RuntimeMismatchError(SSHError):
     """The host's runtime differs from the client's and may not (or cannot) be fixed."""
 
 
-def _dist_name(requirement: str) -> str:
-    return re.split(r"[\s<>=!~;\[(@]", requirement.strip(), maxsplit=1)[0]
-
-
-def _base_requirements() -> list[str]:
-    """dask-lithops' own (non-extra) dependencies, pinned to the client's versions."""
-    try:
-        reqs = requires("dask-lithops") or []
-    except PackageNotFoundError:
-        reqs = []
-    names = [_dist_name(r) for r in reqs if "extra ==" not in r]
-    return [n for n in names if n.lower() not in MATCH_PACKAGES]
+class MissingDistributionsWarning(UserWarning):
+    """Distributions of the client's environment that the hosts' runtime cannot have."""
 
 
 @dataclass
@@ -63,134 +54,151 @@ class RuntimeSpec:
     """What the client expects on every host; ``key`` names the venv."""
 
     python: str
-    packages: dict[str, str]
-    requirements: list[str]
+    packages: dict[str, str]  # the must-match packages' versions
+    entries: list[contents.Entry] = field(default_factory=list)  # every distribution of the venv
     extra_packages: list[str] = field(default_factory=list)
+    package_sync: bool = True
+    local_wheels: dict = field(default_factory=dict)  # name -> (wheel path or None, hash or why)
+    _houses: dict = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def requirements(self) -> list[str]:
+        return [e.pin for e in self.entries]
 
     @property
     def key(self) -> str:
-        blob = json.dumps({"python": self.python, "requirements": sorted(self.requirements)},
-                          sort_keys=True)
+        items = sorted(f"{e.pin}#{self.local_wheels.get(e.name, (None, ''))[1]}"
+                       if e.source != "index" else e.pin for e in self.entries)
+        blob = json.dumps({"python": self.python, "distributions": items}, sort_keys=True)
         return f"py{self.python}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
+    def wheelhouse(self, target: wheels.Target, progress: Progress = SILENT) -> wheels.Wheelhouse:
+        """The wheels for ``target`` (made once per spec and platform; warns about the missing)."""
+        with self._lock:
+            house = self._houses.get(target)
+            if house is None:
+                house = wheels.fetch(self.entries, target, self.local_wheels, progress)
+                self._houses[target] = house
+                if house.missing:
+                    warnings.warn(MissingDistributionsWarning(
+                        f"{len(house.missing)} distributions of this client's environment cannot "
+                        f"be installed on {target.key} hosts and are left out of their runtime: "
+                        + "; ".join(f"{n} ({why})" for n, why in sorted(house.missing.items()))
+                        + ". Code that imports them fails on the workers; install them on the "
+                          "hosts' Python or remove them here."), stacklevel=2)
+            return house
 
-def client_runtime(extra_python_packages: list[str] | tuple = ()) -> RuntimeSpec:
-    """The client's runtime: exact pins for dask & co, its deps, and the user's extras.
 
-    An unpinned extra that the client has installed is pinned to the client's
-    version (``"pandas"`` -> ``"pandas==2.2.3"``) so both sides pickle alike.
-    """
+def client_runtime(extra_python_packages: list[str] | tuple = (), package_sync: bool | None = None,
+                   progress: Progress = SILENT) -> RuntimeSpec:
+    """The client's runtime for hosts: with ``package_sync`` (default
+    ``lithops.runtime.package_sync``) every installed distribution at its exact
+    version, else dask-lithops' dependencies; plus ``extra_python_packages``
+    (installed on the client: they are shipped at the client's version)."""
+    from dask_lithops import config
+
+    if package_sync is None:
+        package_sync = bool(config.get("runtime.package_sync"))
     python = "%d.%d" % sys.version_info[:2]
-    packages = {name: _version(name) for name in MATCH_PACKAGES}
+    dists = contents.installed()
+    packages = {name: dists[name].version if name in dists else None for name in MATCH_PACKAGES}
     missing = [k for k, v in packages.items() if v is None]
     if missing:
         raise RuntimeError(f"the client lacks {missing}; cannot define a runtime")
-    reqs = [f"{k}=={v}" for k, v in packages.items()]
-    for name in _base_requirements():
-        v = _version(name)
-        reqs.append(f"{name}=={v}" if v else name)
-    extras = []
-    for req in extra_python_packages or ():
-        req = req.strip()
-        name = _dist_name(req)
-        if req == name and _version(name):
-            req = f"{name}=={_version(name)}"
-        extras.append(req)
-    reqs += [r for r in extras if _dist_name(r).lower() not in {_dist_name(x).lower() for x in reqs}]
-    return RuntimeSpec(python, packages, reqs, extras)
-
-
-# -- shipping dask-lithops itself ---------------------------------------------------------------
-_CODE_CACHE: tuple[str, bytes] | None = None
+    extras = [e.strip() for e in extra_python_packages or ()]
+    entries = contents.host_contents(extras, package_sync, dists)
+    spec = RuntimeSpec(python, packages, entries, extras, package_sync)
+    local = [e for e in entries if e.source != "index"]
+    if local:
+        with progress.phase(f"building wheels of {len(local)} local distributions "
+                            f"({', '.join(e.name for e in local)})"):
+            spec.local_wheels = wheels.build_local_wheels(local)
+    return spec
 
 
 def code_bundle() -> tuple[str, bytes]:
     """(hash, tar.gz) of the dask_lithops package plus a minimal .dist-info."""
-    global _CODE_CACHE
-    if _CODE_CACHE is not None:
-        return _CODE_CACHE
-    import dask_lithops
-
-    root = os.path.dirname(os.path.abspath(dask_lithops.__file__))
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
-        for fn in sorted(filenames):
-            if fn.endswith((".py", ".yaml", ".yml", ".json", ".typed")):
-                full = os.path.join(dirpath, fn)
-                files.append((os.path.join("dask_lithops", os.path.relpath(full, root)), full))
-    try:
-        dist = distribution("dask-lithops")
-        ver = dist.version
-        entry_points = dist.read_text("entry_points.txt") or ""
-    except PackageNotFoundError:
-        ver, entry_points = dask_lithops.__version__, ""
-    info = f"dask_lithops-{ver}.dist-info"
-    extra = {f"{info}/METADATA": f"Metadata-Version: 2.1\nName: dask-lithops\nVersion: {ver}\n",
-             f"{info}/entry_points.txt": entry_points}
-    h = hashlib.sha256()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) as tar:
-        for arc, full in files:
-            with open(full, "rb") as f:
-                data = f.read()
-            h.update(arc.encode() + b"\0" + data)
-            ti = tarfile.TarInfo(arc)
-            ti.size, ti.mode = len(data), 0o644
-            tar.addfile(ti, io.BytesIO(data))
-        for arc, text in extra.items():
-            data = text.encode()
-            h.update(arc.encode() + b"\0" + data)
-            ti = tarfile.TarInfo(arc)
-            ti.size, ti.mode = len(data), 0o644
-            tar.addfile(ti, io.BytesIO(data))
-    _CODE_CACHE = (h.hexdigest()[:16], buf.getvalue())
-    return _CODE_CACHE
+    return code.host_bundle()
 
 
 # -- wheels from the client (hosts need no package index) --------------------------------------
-def client_wheelhouse(spec: RuntimeSpec) -> str:
-    """A local directory of wheels for ``spec`` (``pip download``, once per runtime key)."""
-    base = os.environ.get("DASK_LITHOPS_WHEELHOUSE") or os.path.join(
-        os.path.expanduser("~/.cache"), "dask-lithops", "wheelhouse")
-    d = os.path.join(base, spec.key)
-    os.makedirs(base, exist_ok=True)
-    with open(d + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.exists(os.path.join(d, READY_MARKER)):
-            r = subprocess.run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
-                                "--no-input", "--progress-bar", "off", "--only-binary", ":all:",
-                                "-d", d, *spec.requirements], capture_output=True, text=True)
-            if r.returncode:
-                raise RuntimeError(f"pip download of the runtime {spec.requirements} failed:\n"
-                                   f"{(r.stderr or r.stdout)[-3000:]}")
-            with open(os.path.join(d, READY_MARKER), "w") as f:
-                json.dump(spec.requirements, f)
-    return d
+LOCK_WHEELS = r"""
+import fcntl, json, os, sys
+a = json.loads(sys.argv[1])
+os.makedirs(a["wheels"], exist_ok=True)
+lock = open(a["wheels"] + ".lock", "w")
+fcntl.flock(lock, fcntl.LOCK_EX)
+present = {n: os.path.getsize(os.path.join(a["wheels"], n))
+           for n in os.listdir(a["wheels"]) if n.endswith(".whl")}
+print(json.dumps({"ready": os.path.exists(a["ready"]), "present": present}), flush=True)
+sys.stdin.read()
+"""
 
 
-def upload_wheelhouse(conn: SSHConnection, local_dir: str, remote_dir: str) -> str:
-    """Copy the wheels the host lacks into ``remote_dir``; return it."""
-    conn.run(f"mkdir -p {quote(remote_dir)}", timeout=30)
-    present = set(conn.sftp.listdir(remote_dir))
-    for fn in sorted(os.listdir(local_dir)):
-        if fn.endswith(".whl") and fn not in present:
-            tmp = f"{remote_dir}/.{fn}.{uuid.uuid4().hex[:6]}"
-            conn.sftp.put(os.path.join(local_dir, fn), tmp)
-            conn.sftp.posix_rename(tmp, f"{remote_dir}/{fn}")
-    return remote_dir
+def upload_wheelhouse(conn: SSHConnection, python: str, house: wheels.Wheelhouse,
+                      remote_dir: str, ready_marker: str, phase=None) -> bool:
+    """Copy the wheels the host lacks into ``remote_dir`` under a host-side lock (hosts sharing
+    a filesystem upload once).  False when the venv got ready meanwhile (nothing to do)."""
+    chan = conn.exec_channel(python_command(
+        [python], LOCK_WHEELS,
+        {"wheels": remote_dir, "ready": ready_marker}))
+    try:
+        line = b""
+        deadline = time.monotonic() + 3600
+        while not line.endswith(b"\n"):
+            if chan.recv_ready():
+                data = chan.recv(65536)
+                if not data:
+                    break
+                line += data
+            elif chan.exit_status_ready() or time.monotonic() > deadline:
+                break
+            else:
+                time.sleep(0.05)
+        try:
+            state = json.loads(line.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            err = chan.recv_stderr(65536).decode(errors="replace")
+            raise RuntimeMismatchError(str(conn), f"locking {remote_dir} failed: {err[-2000:]}") \
+                from None
+        if state["ready"]:
+            return False
+        todo = [p for p in house.wheels.values()
+                if state["present"].get(p.name) != p.stat().st_size]
+        total = sum(p.stat().st_size for p in todo)
+        if phase is not None:
+            phase.set_total((phase.record.total or 0) + total, "B")
+        sftp = conn.sftp
+        for p in todo:
+            tmp = f"{remote_dir}/.{p.name}.{uuid.uuid4().hex[:6]}"
+            sent = [0]
+
+            def callback(done, _total, sent=sent):
+                if phase is not None:
+                    phase.advance(done - sent[0])
+                sent[0] = done
+
+            sftp.put(str(p), tmp, callback=callback)
+            sftp.posix_rename(tmp, f"{remote_dir}/{p.name}")
+        return True
+    finally:
+        chan.shutdown_write()
+        chan.close()
 
 
 # -- remote snippets ---------------------------------------------------------------------------
 PROBE = r"""
-import json, os, sys
+import json, os, re, sys
 a = json.loads(sys.argv[1])
-from importlib.metadata import version
+from importlib.metadata import distributions
+dists = {}
+for d in distributions():
+    n = d.metadata["Name"]
+    if n:
+        dists.setdefault(re.sub(r"[-_.]+", "-", n).lower(), d.version)
 def v(n):
-    try:
-        return version(n)
-    except Exception:
-        return None
+    return dists.get(n)
 home = os.path.expanduser("~")
 rd = os.path.abspath(os.path.expanduser(a["remote_dir"]))
 venv = os.path.join(rd, "runtimes", a["key"])
@@ -207,7 +215,7 @@ import platform
 print(json.dumps({
     "client_reachable": reachable, "machine": platform.machine(), "system": platform.system(),
     "python": sys.executable, "version": "%d.%d.%d" % sys.version_info[:3],
-    "packages": {n: v(n) for n in a["packages"]},
+    "packages": {n: v(n) for n in a["packages"]}, "distributions": dists,
     "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
     "home": home, "remote_dir": rd,
     "ssh_connection": os.environ.get("SSH_CONNECTION", ""),
@@ -253,11 +261,11 @@ with open(d + ".lock", "w") as lock:
                     sys.exit(r.returncode)
             step([sys.executable, "-m", "venv", d])
             py = os.path.join(d, "bin", "python")
-            source = ["--no-index", "--find-links", a["wheels"]] if a.get("wheels") else []
-            step([py, "-m", "pip", "install", "--disable-pip-version-check",
-                  "--no-input", "--progress-bar", "off", *source, *a["requirements"]])
+            step([py, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
+                  "--progress-bar", "off", "--no-index", "--no-deps", "--no-compile",
+                  *[os.path.join(a["wheels"], f) for f in a["files"]]])
         with open(ready, "w") as f:
-            json.dump({"requirements": a["requirements"]}, f)
+            json.dump({"files": a["files"]}, f)
 print(os.path.join(d, "bin", "python"))
 """
 
@@ -296,7 +304,7 @@ class HostRuntime:
 def prepare_host(conn: SSHConnection, spec: RuntimeSpec, remote_dir: str = "~/.dask-lithops",
                  remote_python: str | None = None, install_runtime: bool = True,
                  install_timeout: float = 900.0, reach_port: int | None = None,
-                 upload_wheels: bool = True) -> HostRuntime:
+                 progress: Progress = SILENT) -> HostRuntime:
     """Probe ``conn``'s host; make a runtime matching ``spec`` there (blocking)."""
     code_hash, tarball = code_bundle()
     probe_arg = {"remote_dir": remote_dir, "key": spec.key, "marker": READY_MARKER,
@@ -315,36 +323,26 @@ def prepare_host(conn: SSHConnection, spec: RuntimeSpec, remote_dir: str = "~/.d
             str(conn), f"Python {probe['version']} at {probe['python']} but the client runs "
                        f"Python {spec.python}; install python{spec.python} on the host or point "
                        f"remote_python at one")
-    diff = {k: (v, probe["packages"].get(k)) for k, v in spec.packages.items()
-            if probe["packages"].get(k) != v}
+    have = probe.get("distributions") or {}
+    diff = {e.name: (e.version, have.get(e.name)) for e in spec.entries
+            if have.get(e.name) != e.version}
     python = probe["python"]
     installed = False
-    if diff or spec.extra_packages:
+    if diff:
         if probe["venv_ready"]:
             python = probe["venv_python"]
         elif not install_runtime:
-            detail = "; ".join(f"{k}: client {c}, host {h or 'not installed'}"
-                               for k, (c, h) in sorted(diff.items()))
-            if spec.extra_packages:
-                detail += f"; extra_python_packages {spec.extra_packages} need a runtime venv"
+            first = sorted(diff, key=lambda n: (n not in MATCH_PACKAGES, n))
+            detail = "; ".join(f"{k}: client {diff[k][0]}, host {diff[k][1] or 'not installed'}"
+                               for k in first[:12])
+            if len(first) > 12:
+                detail += f"; and {len(first) - 12} more"
             raise RuntimeMismatchError(
                 str(conn), f"runtime at {probe['python']} does not match the client ({detail}) "
                            "and install_runtime=False; install the client's versions on the host "
                            "or allow installation")
         else:
-            build_arg = {"dir": f"{rd}/runtimes/{spec.key}", "marker": READY_MARKER,
-                         "requirements": spec.requirements}
-            if upload_wheels and probe.get("system") == platform.system() and \
-                    probe.get("machine") == platform.machine():
-                build_arg["wheels"] = upload_wheelhouse(conn, client_wheelhouse(spec),
-                                                        f"{rd}/wheels")
-            r = conn.run(python_command([probe["python"]], BUILD_VENV, build_arg),
-                         timeout=install_timeout, check=False)
-            if r.returncode != 0:
-                raise RuntimeMismatchError(
-                    str(conn), f"installing the runtime venv {rd}/runtimes/{spec.key} failed "
-                               f"(exit {r.returncode}):\n{r.stderr.strip()[-3000:]}")
-            python = r.stdout.strip().splitlines()[-1]
+            python = _install_venv(conn, spec, probe, install_timeout, progress)
             installed = True
     code_dir = f"{rd}/code/{code_hash}"
     if not probe["code_present"]:
@@ -361,3 +359,29 @@ def prepare_host(conn: SSHConnection, spec: RuntimeSpec, remote_dir: str = "~/.d
                        server_address=ssh_connection[2] if len(ssh_connection) > 2 else None,
                        client_reachable=probe.get("client_reachable"),
                        installed=installed, probe=probe)
+
+
+def _install_venv(conn: SSHConnection, spec: RuntimeSpec, probe: dict, timeout: float,
+                  progress: Progress) -> str:
+    """Upload the runtime's wheels and build its venv on the host; the venv's python."""
+    rd = probe["remote_dir"]
+    venv = f"{rd}/runtimes/{spec.key}"
+    target = wheels.Target(spec.python, probe.get("system") or "Linux",
+                           probe.get("machine") or "x86_64")
+    house = spec.wheelhouse(target, progress)
+    with progress.phase(f"{conn}: uploading {len(house.wheels)} wheels") as ph:
+        uploaded = upload_wheelhouse(conn, probe["python"], house, f"{rd}/wheels",
+                                     f"{venv}/{READY_MARKER}", ph)
+        ph.detail = (f"{format_bytes(ph.record.done)} sent" if uploaded
+                     else "venv built meanwhile by a host sharing this filesystem")
+    with progress.phase(f"{conn}: installing the runtime venv {spec.key}") as ph:
+        build_arg = {"dir": venv, "marker": READY_MARKER, "wheels": f"{rd}/wheels",
+                     "files": sorted(p.name for p in house.wheels.values())}
+        r = conn.run(python_command([probe["python"]], BUILD_VENV, build_arg),
+                     timeout=timeout, check=False)
+        if r.returncode != 0:
+            raise RuntimeMismatchError(
+                str(conn), f"installing the runtime venv {venv} failed "
+                           f"(exit {r.returncode}):\n{r.stderr.strip()[-3000:]}")
+        ph.detail = f"{len(house.wheels)} distributions, {format_bytes(house.size)} of wheels"
+    return r.stdout.strip().splitlines()[-1]

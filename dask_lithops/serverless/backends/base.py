@@ -165,11 +165,15 @@ class FaaSBackend:
         return m.group(1), m.group(2), int(m.group(3))
 
     # -- runtimes
-    def build_runtime(self, runtime_name: str | None = None, *, force: bool = False, log=None):
+    def build_runtime(self, runtime_name: str | None = None, *, force: bool = False, log=None,
+                      package_sync: bool | None = None, progress=None):
         """Build (or reuse from the cache) the runtime's deployment package.
 
         The package has ``name``, ``version``, ``runtime_key`` and ``describe()`` (lines
-        for ``dask-lithops runtime build``).
+        for ``dask-lithops runtime build``).  ``package_sync`` (None:
+        ``lithops.runtime.package_sync``) adds the client's installed dask optional
+        dependencies (docs/runtime.md); ``progress`` (:mod:`dask_lithops.progress`)
+        reports the build.
         """
         raise NotImplementedError
 

@@ -379,8 +379,12 @@ class CloudFunctionsEmulator(InstanceManager):
 
     def _validate(self, body: dict, fn: Function | None, mask: list[str]) -> dict:
         """The function's fields after this create/patch, validated (INVALID_ARGUMENT)."""
+        if body.get("eventTrigger"):
+            raise invalid("The emulator serves HTTP functions only: eventTrigger is not "
+                          "supported")
         unknown = [k for k in body if k not in SETTABLE and k not in (
-            "name", "state", "updateTime", "createTime", "url", "stateMessages")]
+            "name", "state", "updateTime", "createTime", "url", "stateMessages", "eventTrigger",
+            "kmsKeyName", "satisfiesPzs")]
         if unknown:
             raise invalid(f"Invalid JSON payload received. Unknown name {unknown[0]!r} at "
                           f"'function': Cannot find field.")

@@ -190,7 +190,8 @@ class AWSLambdaBackend(FaaSBackend):
     # ------------------------------------------------------------------ runtimes
 
     def build_runtime(self, runtime_name: str | None = None, *, force: bool = False, log=None,
-                      architecture: str | None = None):
+                      architecture: str | None = None, package_sync: bool | None = None,
+                      progress=None):
         """The function zip (+ layers) of the runtime: :mod:`dask_lithops.runtime.builder`."""
         from dask_lithops.runtime.builder import build_runtime
 
@@ -198,7 +199,8 @@ class AWSLambdaBackend(FaaSBackend):
                              extra_packages=self.config.get("extra_packages") or [],
                              requirements_file=self.config.get("requirements_file"),
                              architecture=architecture or self.config["architecture"],
-                             force=force, log=log)
+                             force=force, log=log, package_sync=package_sync,
+                             progress=progress)
 
     def deploy_runtime(self, package, memory: int, timeout: int) -> RuntimeInfo:
         from botocore.exceptions import ClientError

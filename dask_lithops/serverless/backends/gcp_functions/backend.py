@@ -132,35 +132,17 @@ class GCPFunctionsBackend(FaaSBackend):
         return f"lithops.{section}.{option}"
 
     def validate(self) -> None:
+        # each key's range is the schema's (checked when the config is resolved);
+        # here only the rules across keys
         c = self.config
-        lo, hi = self.memory_range
-        mem = c.get("runtime_memory")
-        if not isinstance(mem, int) or isinstance(mem, bool) or not lo <= mem <= hi:
-            raise _config.ConfigError(
-                f"lithops.gcp_functions.runtime_memory = {mem!r} is invalid; allowed: integer "
-                f"MiB between {lo} and {hi}")
-        t = c.get("runtime_timeout")
-        if not isinstance(t, int) or isinstance(t, bool) or not 1 <= t <= self.max_timeout:
-            raise _config.ConfigError(
-                f"lithops.gcp_functions.runtime_timeout = {t!r} is invalid; allowed: integer "
-                f"seconds between 1 and {self.max_timeout}")
-        cpu = c.get("runtime_cpu")
+        mem, cpu = c.get("runtime_memory"), c.get("runtime_cpu")
         if cpu is not None:
-            if not isinstance(cpu, (int, float)) or isinstance(cpu, bool) or not 0.083 <= cpu <= 8:
-                raise _config.ConfigError(
-                    f"lithops.gcp_functions.runtime_cpu = {cpu!r} is invalid; allowed: vCPUs "
-                    "between 0.083 and 8, or null for the default of the memory")
             for size, least in MIN_CPU:
                 if mem > size and cpu < least:
                     raise _config.ConfigError(
                         f"lithops.gcp_functions.runtime_cpu = {cpu!r} is invalid with "
                         f"runtime_memory = {mem}: Cloud Run needs at least {least:g} vCPUs "
                         f"above {size} MiB; allowed: runtime_cpu >= {least:g} or null")
-        for k in ("max_workers", "invoke_pool_threads"):
-            v = c.get(k)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise _config.ConfigError(
-                    f"lithops.gcp_functions.{k} = {v!r} is invalid; allowed: integer >= 1")
         path = c.get("credentials_path")
         if path and not os.path.isfile(os.path.expanduser(path)):
             raise _config.ConfigError(
@@ -326,7 +308,10 @@ class GCPFunctionsBackend(FaaSBackend):
 
     # ------------------------------------------------------------------ runtimes
 
-    def build_runtime(self, runtime_name: str | None = None, *, force: bool = False, log=None):
+    def build_runtime(self, runtime_name: str | None = None, *, force: bool = False, log=None,
+                      package_sync: bool | None = None, progress=None):
+        # the platform pip-installs the pinned requirements.txt: package sync (dask's
+        # optional dependencies) is not applied here yet, only extra_packages
         from dask_lithops.serverless.backends.gcp_functions.packaging import build_source_package
 
         return build_source_package(runtime_name or self.runtime_name,
