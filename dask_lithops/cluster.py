@@ -522,6 +522,11 @@ class LithopsCluster(SpecCluster):
                 await asyncio.sleep(0.25)
             if self.status != Status.running:
                 return
+            if back:  # a nanny's report (memory kill, exit code) may arrive after the restart
+                report_deadline = time.monotonic() + 2
+                while time.monotonic() < report_deadline and \
+                        not (await self._fetch_reports(worker_name, consume=False))[0]:
+                    await asyncio.sleep(0.1)
             events, completed = await self._fetch_reports(worker_name)
             ended = self._ended.get(spec_name)
             if ended is not None:  # the launcher's word completes the worker's last report
