@@ -340,6 +340,10 @@ class FailureMonitor(SchedulerPlugin):
                 _RANK.get(last.get("kind"), 0) > _RANK.get(report.get("kind"), 0):
             last.update({k: v for k, v in report.items() if k not in last})
             return
+        if last is not None and now - last["received"] < 5 and last.get("final") and \
+                _RANK.get(last.get("kind"), 0) <= 1 < _RANK.get(report.get("kind"), 0):
+            last.update(report)  # the precise reason of an end just reported vaguely
+            return
         self.seq += 1
         events.append({**report, "received": now, "seq": self.seq})
         del events[:-20]

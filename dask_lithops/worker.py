@@ -113,6 +113,7 @@ class _CannotRunUserCode(logging.Handler):
         super().__init__(logging.ERROR)
         self.worker = worker
         self.sent = False
+        self.posting: asyncio.Future | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.sent or not record.exc_info or record.exc_info[1] is None:
@@ -122,8 +123,13 @@ class _CannotRunUserCode(logging.Handler):
             return
         self.sent = True
         report["name"] = str(self.worker.name)
+        worker = self.worker
+
+        def post():
+            self.posting = asyncio.ensure_future(_post_from_worker(worker, report))
+
         try:
-            self.worker.loop.add_callback(_post_from_worker, self.worker, report)
+            worker.loop.add_callback(post)
         except Exception:  # the loop is closing: nothing to do
             pass
 
@@ -139,11 +145,13 @@ def dask_setup(worker) -> None:
         logging.getLogger(name).addHandler(handler)
 
 
-def dask_teardown(worker) -> None:
+async def dask_teardown(worker) -> None:
     handler = getattr(worker, "_dask_lithops_report_handler", None)
     if handler is not None:
         for name in _LOGGERS_OF_DESERIALIZATION:
             logging.getLogger(name).removeHandler(handler)
+        if handler.posting is not None:  # the reason goes before the process' final report
+            await asyncio.wait([handler.posting], timeout=6)
 
 
 async def _post_from_worker(worker, report: dict) -> None:
