@@ -186,3 +186,26 @@ def test_standalone_sections_say_what_they_hold(lithops_file):
             StandaloneCluster(hosts=["root@10.1.2.3"])
     with pytest.raises(ConfigError, match="lithops.ssh.connect_timeout = 0"):
         StandaloneCluster(hosts=["root@10.1.2.3"], connect_timeout=0)
+
+
+def test_lithops_file_keys_are_the_keys_the_mapping_reads():
+    """The configuration reference's "Lithops config file" column (config.lithops_file_keys)
+    names exactly where map_lithops_config reads each key from."""
+    general = {"lithops.mode": "serverless", "lithops.backend": "aws_lambda",
+               "lithops.storage": "aws_s3", "lithops.log_level": "debug"}
+    checked = 0
+    for key, default in config.leaves(config.PACKAGE_DEFAULTS):
+        for source in config.lithops_file_keys(key):
+            if source.startswith("vm."):
+                continue
+            value = general.get(key, "a value" if default is None else default)
+            data: dict = value
+            for part in reversed(source.split(".")):
+                data = {part: data}
+            mapped = config.map_lithops_config(data)
+            checked += 1
+            assert config._lookup(mapped, key, default="<missing>") == value, (key, source)
+    assert checked > 50
+    assert config.lithops_file_keys("ssh.hosts") == ["ssh.hosts", "vm.ip_address",
+                                                     "vm.ssh_username"]
+    assert config.lithops_file_keys("cluster.death_timeout") == []

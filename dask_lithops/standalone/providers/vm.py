@@ -58,7 +58,6 @@ from .base import HostProvider, HostSpec
 
 logger = logging.getLogger(__name__)
 
-EXEC_MODES = ("create", "reuse", "consume")
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
 STANDALONE_KEYS = ("exec_mode", "soft_dismantle_timeout", "hard_dismantle_timeout",
                    "start_timeout", "start_retries")
