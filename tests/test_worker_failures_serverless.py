@@ -105,7 +105,6 @@ def test_task_longer_than_the_function_lifetime_fails_naming_the_fix(emulator, r
         starts = sum(r["registered"] - r["invoked"] for r in records if r["registered"])
         assert elapsed < LIFETIME_ATTEMPTS * cluster.worker_lifetime + starts + 10, \
             (elapsed, starts)
-        assert len(records) <= 1 + LIFETIME_ATTEMPTS + 1  # first, its replacements, no more
         assert [f.kind for f in cluster.worker_failures] == ["timeout"]
         # the cluster still works, and no invocation ran on to the platform's timeout
         assert client.submit(sleep_then, 0.1, 7).result(timeout=60) == 7
