@@ -258,6 +258,7 @@ class LithopsCluster(SpecCluster):
         self.worker_options = dict(worker_options or {})
         self.cluster_id = uuid.uuid4().hex[:10]
         self._local_code = None  # LocalCodeSync once started
+        self._registration_report: asyncio.Future | None = None  # the "starting N workers" phase
         self.crash_loop_limit = int(opts["crash_loop_limit"])
         self.worker_failures: list[WorkerFailure] = []  # every unexpected end, with its reason
         self._failures_in_a_row = 0
@@ -328,7 +329,11 @@ class LithopsCluster(SpecCluster):
         # over RPC, not scheduler.add_plugin: the scheduler may run elsewhere
         await self.scheduler_comm.register_scheduler_plugin(
             plugin=dumps(FailureMonitor()), name=PLUGIN_NAME, idempotent=True)
-        if self.relay_enabled and self._relay_server is None:
+        # a scheduler on another host may run the relay beside it (RemoteScheduler(relay=...))
+        remote_relay = getattr(self.scheduler, "relay_address", None)
+        if self.relay_enabled and remote_relay:
+            self.relay_address = remote_relay
+        elif self.relay_enabled and self._relay_server is None:
             from dask_lithops.relay import RelayServer
 
             relay_host = config.get("relay.host") or \
@@ -341,6 +346,28 @@ class LithopsCluster(SpecCluster):
 
         if self._local_code is None and config.get("runtime.local_code"):
             await self._start_local_code_sync()
+        if self._registration_report is None and self.worker_spec:
+            self._registration_report = asyncio.ensure_future(self._report_registrations())
+
+    async def _report_registrations(self) -> None:
+        """One progress phase until the first workers registered (a bar on a terminal)."""
+        expected = sum(len(self._members(n)) for n in self.worker_spec)
+        deadline = asyncio.get_running_loop().time() + self.worker_start_timeout
+        with self.progress.phase(f"starting {expected} workers", total=expected,
+                                 unit="workers") as phase:
+            seen = 0
+            try:
+                while seen < expected and asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(0.2)
+                    if self.status != Status.running:
+                        break
+                    now = min(expected, len(self.scheduler_info.get("workers", {})))
+                    if now > seen:
+                        phase.advance(now - seen)
+                        seen = now
+            except asyncio.CancelledError:
+                pass
+            phase.detail = f"{seen} of {expected} registered"
 
     async def _start_local_code_sync(self) -> None:
         """Ship the client's local modules now and whenever they change (docs/runtime.md)."""
@@ -349,7 +376,10 @@ class LithopsCluster(SpecCluster):
         from dask_lithops.runtime.local_code import LocalCodeSync
 
         self._local_code = LocalCodeSync(self)
-        await self._local_code.sync()
+        try:
+            await self._local_code.sync()
+        except ValueError as e:  # too big to ship: say so; the workers' import error names it
+            logger.warning("%s", e)
         busy = []
 
         async def rescan():
@@ -368,6 +398,8 @@ class LithopsCluster(SpecCluster):
         pc.start()
 
     async def _close(self):
+        if self._registration_report is not None:
+            self._registration_report.cancel()
         for task in list(self._down_checks.values()):
             task.cancel()
         try:

@@ -183,6 +183,7 @@ def test_lambda_runtime_carries_dask_optional_dependencies(emulator, capsys):
     assert re.search(r"dask-lithops: (building runtime default .*: " + DONE + r" \([\d.]+ MB "
                      r"zipped|runtime default \(\w+\) from the cache: [\d.]+ MB zipped)", err), err
     assert re.search(r"deploying function \S+: " + DONE + r" \([\d.]+ MB zipped", err), err
+    assert re.search(r"starting 2 workers: " + DONE + r" \(2 of 2 registered\)", err), err
 
 
 # -- local code --------------------------------------------------------------------------------

@@ -178,8 +178,10 @@ def test_real_aws_needs_region_role_and_contact_address(monkeypatch):
         ServerlessCluster(contact_address="127.0.0.1")
     with pytest.raises(config.ConfigError, match=r"execution_role is required"):
         ServerlessCluster(region="eu-west-1", contact_address="127.0.0.1")
-    with pytest.raises(config.ConfigError, match=r"contact_address is required"):
-        ServerlessCluster(region="eu-west-1", execution_role="arn:aws:iam::1:role/x")
+    with pytest.raises(config.ConfigError, match=r"contact_address is required with "
+                       r"scheduler='local'.*or scheduler='aws_ec2'"):
+        ServerlessCluster(region="eu-west-1", execution_role="arn:aws:iam::1:role/x",
+                          scheduler="local")
 
 
 def test_payload_too_big_fails_before_invoking(emulator, runtime_package):

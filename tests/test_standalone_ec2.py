@@ -39,7 +39,9 @@ def namespaces() -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
-def test_create_compute_close(ec2_world):
+def test_create_compute_close(ec2_world, capsys):
+    import re
+
     import dask
     import dask.dataframe as dd
     import pandas as pd
@@ -76,6 +78,9 @@ def test_create_compute_close(ec2_world):
         inside = [p for p in sg["IpPermissions"] if p.get("UserIdGroupPairs")]
         assert inside[0]["UserIdGroupPairs"][0]["GroupId"] == sg["GroupId"]
         assert {t["Key"]: t["Value"] for t in sg["Tags"]}["dask-lithops"] == "true"
+    # the VM boot is a console phase, with its duration (dask_lithops.progress)
+    assert re.search(r"dask-lithops: starting 3 aws_ec2 VMs: done in [\d.]+ s \(3 reachable "
+                     r"over SSH\)", capsys.readouterr().err)
     states = {i: s for i, s in ec2_world.states().items() if i in ids}
     assert set(states.values()) == {"terminated"}, states
     assert wait_for(lambda: not set(ec2_world.booter.running()) & set(ids))

@@ -84,16 +84,21 @@ def local_modules() -> dict[str, Path]:
     return out
 
 
-def collect(modules: dict[str, Path]) -> dict[str, bytes]:
-    """{path relative to a sys.path entry: content} of the modules' source files."""
-    files: dict[str, bytes] = {}
+def source_files(modules: dict[str, Path]) -> list[tuple[str, Path]]:
+    """(path relative to a sys.path entry, file) of the modules' source files."""
+    out = []
     for top, path in sorted(modules.items()):
         if path.is_dir():
-            for p in sorted(path.rglob("*.py")):
-                if "__pycache__" not in p.parts:
-                    files[f"{top}/{p.relative_to(path).as_posix()}"] = p.read_bytes()
+            out += [(f"{top}/{p.relative_to(path).as_posix()}", p)
+                    for p in sorted(path.rglob("*.py")) if "__pycache__" not in p.parts]
         else:
-            files[f"{top}.py"] = path.read_bytes()
+            out.append((f"{top}.py", path))
+    return out
+
+
+def collect(modules: dict[str, Path]) -> dict[str, bytes]:
+    """{path relative to a sys.path entry: content} of the modules' source files."""
+    files = {rel: p.read_bytes() for rel, p in source_files(modules)}
     size = sum(len(b) for b in files.values())
     if size > MAX_BYTES:
         raise ValueError(
@@ -152,12 +157,23 @@ class LocalCodeSync:
         self.cluster = cluster
         self.digest: str | None = None
         self.modules: list[str] = []
+        self._stamp: list | None = None
 
     async def sync(self) -> bool:
         """Send the local modules if they changed since last time; True when sent."""
         modules = local_modules()
         if not modules and self.digest is None:
             return False
+        stamp = []  # read the files only when one changed (this runs every second)
+        for rel, p in source_files(modules):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            stamp.append((rel, st.st_mtime_ns, st.st_size))
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
         files = collect(modules)
         plugin = LocalCodePlugin(files)
         if plugin.digest == self.digest:

@@ -19,6 +19,7 @@ import concurrent.futures
 import dataclasses
 import inspect
 import logging
+import random
 import time
 import uuid
 from typing import ClassVar
@@ -43,9 +44,11 @@ from dask_lithops.payload import (
     runtime_mismatch,
 )
 from dask_lithops.progress import format_bytes
+from dask_lithops.serverless import placement as placements
 from dask_lithops.serverless import reachability
 from dask_lithops.serverless.backends import BACKENDS, backend_class
 from dask_lithops.serverless.backends.base import Invocation
+from dask_lithops.serverless.handler import _SAFETY as _HANDLER_SAFETY
 from dask_lithops.serverless.handler import EXIT_REPORT_OP
 from dask_lithops.serverless.usage import UsageTracker
 
@@ -55,6 +58,7 @@ __all__ = ["BACKENDS", "FunctionWorker", "PayloadTooLarge", "ServerlessCluster",
 
 _STOP_WAIT = 15.0  # for a stopped worker's exit report
 _END_WAIT = 5.0  # then for its invocation to return (a held request), before cutting it off
+_GOLDEN = 0.6180339887498949
 _PAYLOAD_FIELDS = tuple(f.name for f in dataclasses.fields(LaunchPayload))
 _CLUSTER_OPTIONS = frozenset(inspect.signature(LithopsCluster.__init__).parameters) - {"self"}
 
@@ -68,6 +72,7 @@ class FunctionWorker(WorkerLauncher):
 
     invoked_at: float | None = None
     invocation: Invocation | None = None
+    retire_early: float = 0.0  # seconds this worker retires before the others (see launch)
 
     @property
     def request_id(self) -> str | None:
@@ -77,6 +82,13 @@ class FunctionWorker(WorkerLauncher):
         cluster = self.cluster
         event = cluster.worker_event(payload)
         self.invoked_at = time.monotonic()
+        # Workers launched together would all reach their deadline at once: with their
+        # replacements late (slow cold starts), each would retire while the others retire
+        # too, and none could take their data.  Consecutive workers retire up to one lead
+        # apart instead (a low-discrepancy sequence over the worker number).
+        number = int(self.name.rsplit("-", 1)[-1]) if self.name.rsplit("-", 1)[-1].isdigit() \
+            else random.randrange(1000)
+        self.retire_early = (number * _GOLDEN) % 1.0 * cluster.retire_spread
         cluster.usage_tracker.invoked(self.name, cluster.memory)
         try:
             self.invocation = await cluster.start_invocation(self.name, event)
@@ -138,10 +150,23 @@ class ServerlessCluster(LithopsCluster):
         The function carries the client's installed versions of dask's optional
         dependencies (numpy, pandas, pyarrow, ...) besides ``extra_packages``
         (``lithops.runtime.package_sync``, default true).  See docs/runtime.md.
+    scheduler: "auto", "local", "aws_ec2" or "ssh"
+        Where the scheduler and the relay run (``lithops.serverless.scheduler``):
+        ``local`` in this process (functions must reach ``contact_address``);
+        ``aws_ec2`` on a small EC2 VM, ``ssh`` on ``scheduler_host``, both
+        reached through an SSH tunnel; ``auto`` (default): ``local`` when a
+        contact address is known, else ``aws_ec2``.  See docs/serverless.md.
+    scheduler_host: str
+        ``"user@host[:port]"`` for ``scheduler="ssh"``.
+    scheduler_options: dict
+        ``aws_ec2``/``ssh``: the host's options, StandaloneCluster's keys
+        (``lithops.aws_ec2.*``, ``lithops.standalone.*``, ``lithops.ssh.*``:
+        ``master_instance_type``, ``exec_mode``, ``soft_dismantle_timeout``,
+        ``ssh_key_filename``, ...).  ``local``: keywords of the Scheduler.
     contact_address: str
-        The host workers dial (the scheduler and the relay listen on
-        ``0.0.0.0``).  Required in the cloud: a public or VPC address of this
-        host.  With an emulator it defaults to the host as its sandboxes see it.
+        ``local``: the host workers dial (the scheduler and the relay listen on
+        ``0.0.0.0``): a public or VPC address of this host.  With an emulator
+        it defaults to the host as its sandboxes see it.
     threads_per_worker: int
         Default: one per vCPU the platform gives the function's memory.
     lifetime_margin, replacement_lead:
@@ -176,7 +201,7 @@ class ServerlessCluster(LithopsCluster):
                  threads_per_worker: int | None = None, lifetime_margin=None,
                  replacement_lead=None, usage_report: bool | None = None,
                  contact_address: str | None = None, package_sync: bool | None = None,
-                 **kwargs):
+                 scheduler: str | None = None, scheduler_host: str | None = None, **kwargs):
         if kwargs.pop("relay", True) is False:
             raise config.ConfigError("relay=False is not possible in serverless mode: functions "
                                      "accept no inbound connection")
@@ -225,15 +250,33 @@ class ServerlessCluster(LithopsCluster):
                 f"{cls.key('runtime_timeout')} = {self.timeout} leaves no time to work "
                 f"after the lifetime margin ({self.lifetime_margin:.0f}s) and replacement lead "
                 f"({self.replacement_lead:.0f}s); allowed: a longer timeout or smaller margins")
+        # workers retire up to this much apart (never leaving less than 2 s of work)
+        self.retire_spread = min(self.replacement_lead,
+                                 self.worker_lifetime - self.replacement_lead - 2)
 
+        placement, scheduler_options = placements.resolve(
+            scheduler, scheduler_host, kwargs.pop("scheduler_options", None))
         contact = config.get("cluster.contact_address", contact_address)
-        if not contact:
+        if not contact and placement in ("auto", "local"):
             contact = self.backend.default_contact_address()
-        if not contact:
+        if placement == "auto":
+            placement = "local" if contact else "aws_ec2"
+        if placement == "local" and not contact:
             raise config.ConfigError(
-                "lithops.cluster.contact_address is required in serverless mode: the address "
-                "of this host that functions can reach (a public or VPC address; TLS and the "
-                "relay token keep strangers out)")
+                "lithops.cluster.contact_address is required with scheduler='local': the "
+                "address of this host that functions can reach (a public or VPC address; TLS "
+                "and the relay token keep strangers out); or scheduler='aws_ec2' (a small VM "
+                "runs the scheduler) or scheduler='ssh' with scheduler_host='user@host'")
+        self.scheduler_placement = placement
+        self.remote_host: placements.SchedulerHost | None = None
+        if placement in placements.REMOTE:
+            if contact_address:
+                raise config.ConfigError(f"contact_address is for scheduler='local'; with "
+                                         f"scheduler={placement!r} functions dial its host")
+            contact = None
+            self.remote_host = placements.SchedulerHost(placement, scheduler_options,
+                                                           scheduler_host)
+            scheduler_options = {}
 
         self.usage_tracker = UsageTracker(
             self.backend.price_per_gb_second, self.backend.price_per_request,
@@ -246,6 +289,7 @@ class ServerlessCluster(LithopsCluster):
         self._retiring: dict[str, FunctionWorker] = {}
         self._invocations: dict[str, Invocation] = {}  # worker name -> its invocation
         self._rotation_task: asyncio.Task | None = None
+        self._report_task: asyncio.Task | None = None
         self._payload_template: LaunchPayload | None = None
         self.function_name: str | None = None
         self.runtime_package = None
@@ -257,7 +301,7 @@ class ServerlessCluster(LithopsCluster):
             threads_per_worker=(sopts["threads_per_worker"]
                                 or self.backend.threads_for_memory(self.memory)),
             memory_limit=self.memory * 1024 * 1024, nanny=False, relay=True,
-            contact_address=contact, **kwargs)
+            contact_address=contact, scheduler_options=scheduler_options, **kwargs)
         self.lifetime = self.worker_lifetime
         self.lifetime_stagger = 0.0
 
@@ -299,18 +343,109 @@ class ServerlessCluster(LithopsCluster):
         self.lifetime = self.worker_lifetime
         self.lifetime_stagger = 0.0
         if self.status == Status.created or self.function_name is None:
-            await asyncio.get_running_loop().run_in_executor(self._invoke_pool,
-                                                             self.ensure_runtime)
+            jobs = [asyncio.get_running_loop().run_in_executor(self._invoke_pool,
+                                                               self.ensure_runtime)]
+            if self.remote_host is not None and self.remote_host.host is None:
+                jobs.append(self.remote_host.acquire(self.cluster_id))  # meanwhile
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                if self.remote_host is not None:
+                    await self.remote_host.release()
+                raise errors[0]
+        if self.remote_host is not None:
+            self.scheduler_spec = self._remote_scheduler_spec()
         await super()._start()
         try:
+            remote = self.remote_scheduler
+            if remote is not None and remote.relay_address:  # functions dial the host's address
+                self.relay_address = f"{self.remote_host.address}:" \
+                                     f"{remote.relay_address.rsplit(':', 1)[1]}"
             await self._check_reachable()
-        except reachability.SchedulerUnreachable:
+            await self._install_scheduler_side()
+        except BaseException:
             await self._close()  # nothing was invoked yet: nothing else to stop
             raise
-        self.scheduler.handlers[EXIT_REPORT_OP] = self._on_exit_report
-        self.scheduler.add_plugin(_Tracker(self), name=_Tracker.name)
         self.worker_event(self.launch_payload("size-check"))  # too big: fail before invoking
         self._rotation_task = asyncio.ensure_future(self._rotation_loop())
+
+    def _remote_scheduler_spec(self) -> dict:
+        from dask_lithops.standalone.launchers import RemoteScheduler
+
+        options = self.scheduler_spec["options"]
+        port = options.get("port") or placements.DEFAULT_SCHEDULER_PORT
+        relay_port = config.get("relay.port") or placements.DEFAULT_RELAY_PORT
+        return {"cls": RemoteScheduler, "options": {
+            "host": self.remote_host.host, "run_id": self.cluster_id,
+            "security": self._security, "port": port, "protocol": options.get("protocol"),
+            "listen_host": "0.0.0.0", "dashboard": bool(options.get("dashboard")),
+            "relay": {"host": "0.0.0.0", "port": relay_port},
+            "start_timeout": self.worker_start_timeout}}
+
+    async def _install_scheduler_side(self) -> None:
+        """Worker tracking and exit reports, on the scheduler wherever it runs."""
+        if self.remote_scheduler is None:
+            self.scheduler.handlers[EXIT_REPORT_OP] = self._on_exit_report
+            self.scheduler.add_plugin(_Tracker(self), name=_Tracker.name)
+            return
+        # remote: workers come and go through the cluster's worker-status stream
+        # (_update_worker_status); exit reports are kept by the base's FailureMonitor
+        # plugin on the scheduler, collected from there
+        self._report_task = asyncio.ensure_future(self._collect_exit_reports())
+
+    async def _collect_exit_reports(self) -> None:
+        from dask_lithops.failures import REPORTS_OP
+
+        seen = 0
+        while self.status not in (Status.closed, Status.failed):
+            try:
+                answer = await getattr(self.scheduler_comm, REPORTS_OP)(since=seen)
+            except (OSError, asyncio.TimeoutError) as e:
+                logger.debug("collecting exit reports: %s", e)
+                answer = {}
+            for events in (answer or {}).get("reports", {}).values():
+                for report in events:
+                    seen = max(seen, int(report.get("seq") or 0))
+                    self._on_exit_report(report=report)
+            await asyncio.sleep(0.5)
+
+    def _update_worker_status(self, op, msg):
+        if self.remote_scheduler is not None:
+            if op == "add":
+                for addr, info in (msg.get("workers") or {}).items():
+                    self._on_worker_added(str(info.get("name")), addr)
+            elif op == "remove":
+                for name, addr in list(self._addresses.items()):
+                    if addr == msg:
+                        self._on_worker_removed(name)
+        super()._update_worker_status(op, msg)
+
+    @property
+    def remote_scheduler(self):
+        """The scheduler on its own host (``aws_ec2``/``ssh``), or None."""
+        from dask_lithops.standalone.launchers import RemoteScheduler
+
+        return self.scheduler if isinstance(self.scheduler, RemoteScheduler) else None
+
+    @property
+    def worker_scheduler_address(self) -> str:
+        remote = self.remote_scheduler
+        if remote is not None and remote.worker_address:
+            protocol = remote.worker_address.split("://")[0]
+            port = remote.worker_address.rsplit(":", 1)[1]
+            return f"{protocol}://{self.remote_host.address}:{port}"
+        return super().worker_scheduler_address
+
+    @property
+    def dashboard_link(self):
+        remote = self.remote_scheduler
+        if remote is not None:
+            if not remote.dashboard_port:
+                return ""
+            from distributed.utils import format_dashboard_link
+
+            return format_dashboard_link("127.0.0.1", remote.dashboard_port)
+        return super().dashboard_link
 
     def dial_targets(self) -> dict[str, str]:
         """The addresses workers dial: the scheduler's and the relay's."""
@@ -333,10 +468,19 @@ class ServerlessCluster(LithopsCluster):
                                      return_exceptions=True)
             await super()._close()
         finally:
+            if self._report_task is not None:
+                self._report_task.cancel()
+                self._report_task = None
             try:
                 await self.backend.aclose()  # ends any invocation still held
             finally:
                 self._invoke_pool.shutdown(wait=False, cancel_futures=True)
+                if self.remote_host is not None:
+                    try:
+                        await self.remote_host.release()  # EC2: terminated (reuse: stopped)
+                    except Exception as e:
+                        logger.error("could not release the scheduler host %s: %s",
+                                     self.remote_host, e)
             if self.usage_report_on_close:
                 logger.warning("dask-lithops usage: %s", self.usage_tracker.summary())
 
@@ -484,6 +628,14 @@ class ServerlessCluster(LithopsCluster):
 
     async def _close_registered(self, name: str) -> None:
         addr = self._addresses.get(name)
+        if addr and self.remote_scheduler is not None:
+            try:
+                await asyncio.wait_for(self.scheduler_comm.retire_workers(
+                    names=[name], close_workers=True, remove=True,
+                    stimulus_id=f"dask-lithops-stop-{time.time()}"), _STOP_WAIT)
+            except Exception as e:
+                logger.debug("closing worker %s: %s", name, e)
+            return
         if addr and addr in self.scheduler.workers:
             try:
                 await self.scheduler.remove_worker(
@@ -511,8 +663,11 @@ class ServerlessCluster(LithopsCluster):
 
     # ------------------------------------------------------------------ rotation
 
+    def retire_deadline(self, w: FunctionWorker) -> float:
+        """When (monotonic) worker ``w`` retires, its replacement there or not."""
+        return w.invoked_at + self.worker_lifetime - w.retire_early
+
     async def _rotation_loop(self) -> None:
-        rotate_after = self.worker_lifetime - self.replacement_lead
         while True:
             await asyncio.sleep(0.5)
             if self.status != Status.running:
@@ -521,7 +676,8 @@ class ServerlessCluster(LithopsCluster):
             for name, w in list(self.workers.items()):
                 if not isinstance(w, FunctionWorker) or w.invoked_at is None:
                     continue
-                if now - w.invoked_at >= rotate_after and name in self.worker_spec:
+                if now >= self.retire_deadline(w) - self.replacement_lead and \
+                        name in self.worker_spec:
                     self._rotate(name, w)
             self._warn_waiting(now)
 
@@ -537,14 +693,27 @@ class ServerlessCluster(LithopsCluster):
         asyncio.ensure_future(self._retire_rotated(name, old, new_name))
 
     async def _retire_rotated(self, name: str, old: FunctionWorker, new_name: str) -> None:
-        deadline = old.invoked_at + self.worker_lifetime
+        deadline = self.retire_deadline(old)
+        # the function itself lives on until its timeout less the handler's safety margin
+        # (counted here from the invoke, before the function even started: conservative)
+        last_moment = old.invoked_at + self.timeout - _HANDLER_SAFETY - 1.0
         try:
-            # 1. the replacement is there (or we are out of time)
-            while time.monotonic() < deadline and new_name not in self._addresses and \
-                    self.status == Status.running:
+            # 1. the replacement is there (or we are out of time; while no other worker
+            #    could take this one's data, until the last moment)
+            while new_name not in self._addresses and self.status == Status.running and (
+                    time.monotonic() < deadline or (time.monotonic() < last_moment
+                                                    and not self._data_recipients(name))):
                 await asyncio.sleep(0.2)
             # 2. drain: no new tasks for the old worker; let its running ones finish
             addr = self._addresses.get(name)
+            if self.remote_scheduler is not None:
+                # the scheduler is elsewhere: retire_workers drains and moves the data
+                if addr and self.status == Status.running:
+                    await self.scheduler_comm.retire_workers(
+                        names=[name], close_workers=True, remove=True,
+                        stimulus_id=f"dask-lithops-rotate-{name}-{uuid.uuid4().hex[:6]}")
+                await old.close()
+                return
             ws = self.scheduler.workers.get(addr) if addr else None
             if ws is not None and ws.status == Status.running:
                 self.scheduler.handle_worker_status_change(
@@ -562,6 +731,11 @@ class ServerlessCluster(LithopsCluster):
             logger.exception("rotating out worker %s failed", name)
         finally:
             self._retiring.pop(name, None)
+
+    def _data_recipients(self, name: str) -> bool:
+        """Is a worker other than ``name`` running (not draining): one that can take data?"""
+        return any(ws.status == Status.running and ws.name != name
+                   for ws in self.scheduler.workers.values())
 
     def _warn_waiting(self, now: float) -> None:
         """Say so when invocations do not turn into workers (unreachable, or throttled)."""

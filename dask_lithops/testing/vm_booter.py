@@ -224,7 +224,7 @@ class VMBooter:
         os.makedirs(os.path.join(root, "var/lib/cloud/data"), exist_ok=True)
         with open(os.path.join(root, "var/lib/cloud/data/instance-id"), "w") as f:
             f.write(iid + "\n")
-        host = VMHost(self.bridge, root, ip)
+        host = VMHost(self.bridge, root, ip, env=self._instance_role_env(iid))
         host.create_namespace()
         self.hosts[iid] = host
         env = {**self.env, "DASK_LITHOPS_VM_ROOT": root, "DASK_LITHOPS_VM_HOME": host.home,
@@ -253,6 +253,30 @@ class VMBooter:
             host.stop()
             raise
         self.events.append((time.time(), iid, "booted"))
+
+    def _instance_role_env(self, iid: str) -> dict:
+        """What the instance metadata service gives a VM with an instance profile: its role's
+        temporary credentials (here from moto's STS), set in every SSH session's environment
+        with where this world's AWS is (``AWS_ENDPOINT_URL``).  A VM without a profile gets
+        no credentials, as on EC2."""
+        inst = self._client.describe_instances(InstanceIds=[iid])["Reservations"][0][
+            "Instances"][0]
+        arn = (inst.get("IamInstanceProfile") or {}).get("Arn")
+        if not arn:
+            return {}
+        import boto3
+
+        kw = dict(endpoint_url=self.endpoint_url, region_name=self.region,
+                  aws_access_key_id=self.env.get("AWS_ACCESS_KEY_ID", "testing"),
+                  aws_secret_access_key=self.env.get("AWS_SECRET_ACCESS_KEY", "testing"))
+        profile = boto3.client("iam", **kw).get_instance_profile(
+            InstanceProfileName=arn.rsplit("/", 1)[1])["InstanceProfile"]
+        role = profile["Roles"][0]["Arn"]
+        c = boto3.client("sts", **kw).assume_role(RoleArn=role, RoleSessionName=iid)[
+            "Credentials"]
+        return {"AWS_ACCESS_KEY_ID": c["AccessKeyId"], "AWS_SECRET_ACCESS_KEY":
+                c["SecretAccessKey"], "AWS_SESSION_TOKEN": c["SessionToken"],
+                "AWS_DEFAULT_REGION": self.region, "AWS_ENDPOINT_URL": self.endpoint_url}
 
     def _shutdown(self, iid: str, state: str) -> None:
         host = self.hosts.get(iid)

@@ -106,6 +106,9 @@ class EC2Provider(VMProvider):
     name_prefix: ClassVar[str] = "ec2"
     section: ClassVar[str] = "aws_ec2"
     dismantle_module: ClassVar[str] = "dask_lithops.standalone.providers.aws_ec2.dismantle"
+    # TCP ports open to any address (a serverless scheduler's host: functions have no fixed
+    # source address); the group is then one of its own, named after the ports
+    public_ports: tuple[int, ...] = ()
 
     def __init__(self, options: dict, cluster_id: str = "", runtime: str = "default",
                  client_cidr: str | None = None, ssh: dict | None = None):
@@ -210,6 +213,8 @@ class EC2Provider(VMProvider):
             self.security_group_id = self.o["security_group_id"]
             return self.security_group_id
         name = f"dask-lithops-{self.vpc_id}"
+        if self.public_ports:  # a group of its own: these ports are open to everyone
+            name += "-public-" + "-".join(str(p) for p in self.public_ports)
         found = self.call("DescribeSecurityGroups", self.client.describe_security_groups,
                           Filters=[{"Name": "group-name", "Values": [name]},
                                    {"Name": "vpc-id", "Values": [self.vpc_id]}])
@@ -235,6 +240,13 @@ class EC2Provider(VMProvider):
         if not any(any(g.get("GroupId") == gid for g in p.get("UserIdGroupPairs", []))
                    for p in perms):
             want.append({"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": gid}]})
+        for port in self.public_ports:
+            if not any(p.get("FromPort") == port and any(r.get("CidrIp") == "0.0.0.0/0"
+                                                         for r in p.get("IpRanges", []))
+                       for p in perms):
+                want.append({"IpProtocol": "tcp", "FromPort": port, "ToPort": port,
+                             "IpRanges": [{"CidrIp": "0.0.0.0/0", "Description":
+                                           "dask-lithops: functions dial in (TLS, relay token)"}]})
         if want:
             try:
                 self.client.authorize_security_group_ingress(GroupId=gid, IpPermissions=want)
