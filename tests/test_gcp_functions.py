@@ -73,8 +73,10 @@ def test_google_cloud_needs_project_region_and_contact_address(monkeypatch, tmp_
         ServerlessCluster(backend="gcp_functions", contact_address="127.0.0.1")
     with pytest.raises(config.ConfigError, match=r"gcp_functions.region .* is required"):
         ServerlessCluster(backend="gcp_functions", project_name="p", contact_address="127.0.0.1")
-    with pytest.raises(config.ConfigError, match=r"contact_address is required"):
-        ServerlessCluster(backend="gcp_functions", project_name="p", region="europe-west1")
+    with pytest.raises(config.ConfigError, match=r"contact_address is required with "
+                       r"scheduler='local'"):
+        ServerlessCluster(backend="gcp_functions", project_name="p", region="europe-west1",
+                          scheduler="local")
 
 
 def test_lithops_config_file_gcp_sections(monkeypatch, tmp_path, credentials_file):

@@ -310,14 +310,13 @@ class GCPFunctionsBackend(FaaSBackend):
 
     def build_runtime(self, runtime_name: str | None = None, *, force: bool = False, log=None,
                       package_sync: bool | None = None, progress=None):
-        # the platform pip-installs the pinned requirements.txt: package sync (dask's
-        # optional dependencies) is not applied here yet, only extra_packages
+        # the platform pip-installs the pinned requirements.txt (progress: one step)
         from dask_lithops.serverless.backends.gcp_functions.packaging import build_source_package
 
         return build_source_package(runtime_name or self.runtime_name,
                                     extra_packages=self.config.get("extra_packages") or [],
                                     requirements_file=self.config.get("requirements_file"),
-                                    force=force, log=log)
+                                    force=force, log=log, package_sync=package_sync)
 
     def function_body(self, package, memory: int, timeout: int, source: dict) -> dict:
         """The Function resource of ``package`` at ``memory`` MiB and ``timeout`` s."""

@@ -72,7 +72,9 @@ class SourcePackage:
 def build_source_package(name: str = "default", *, extra_packages: list[str] | None = None,
                          requirements_file: str | None = None,
                          cache_dir: str | os.PathLike | None = None, force: bool = False,
-                         log=None) -> SourcePackage:
+                         log=None, package_sync: bool | None = None) -> SourcePackage:
+    """``package_sync`` (None: ``lithops.runtime.package_sync``): also pin the client's
+    installed versions of dask's optional dependencies, as Lambda's runtime carries them."""
     log = log or (lambda msg: None)
     python = "%d.%d" % sys.version_info[:2]
     if python not in PYTHONS:
@@ -82,6 +84,13 @@ def build_source_package(name: str = "default", *, extra_packages: list[str] | N
     extras = list(extra_packages or [])
     if requirements_file:
         extras += builder._read_requirements(requirements_file)
+    if package_sync is None:
+        from dask_lithops import config
+
+        package_sync = bool(config.get("runtime.package_sync"))
+    from dask_lithops.runtime.contents import lambda_roots
+
+    extras = list(lambda_roots(extras, package_sync))
     exclude = builder.NEVER | NOT_PINNED
     hint = "or remove it from lithops.gcp_functions.extra_packages"
     dists = builder.closure(builder.core_roots(), exclude=exclude, hint=hint)
