@@ -286,14 +286,16 @@ class ServerlessCluster(LithopsCluster):
         contact = config.get("cluster.contact_address", contact_address)
         if not contact and placement in ("auto", "local"):
             contact = self.backend.default_contact_address()
-        if placement == "auto":
-            placement = "local" if contact else "aws_ec2"
+        auto = placement == "auto"
+        if auto:
+            placement = "local" if contact else (self.backend.auto_scheduler_placement or "local")
         if placement == "local" and not contact:
             raise config.ConfigError(
-                "lithops.cluster.contact_address is required with scheduler='local': the "
-                "address of this host that functions can reach (a public or VPC address; TLS "
-                "and the relay token keep strangers out); or scheduler='aws_ec2' (a small VM "
-                "runs the scheduler) or scheduler='ssh' with scheduler_host='user@host'")
+                f"lithops.cluster.contact_address is required with scheduler="
+                f"{'auto' if auto else 'local'!r} on {backend}: the address of this host that "
+                "functions can reach (a public or VPC address; TLS and the relay token keep "
+                "strangers out); or scheduler='aws_ec2' (a small VM runs the scheduler) or "
+                "scheduler='ssh' with scheduler_host='user@host' (lithops.serverless.scheduler)")
         self.scheduler_placement = placement
         self.remote_host: placements.SchedulerHost | None = None
         if placement in placements.REMOTE:
