@@ -554,6 +554,11 @@ class LithopsCluster(SpecCluster):
                 await asyncio.sleep(0.25)
             if self.status != Status.running:
                 return
+            if back:  # a nanny's report (memory kill, exit code) may arrive after the restart
+                report_deadline = time.monotonic() + 2
+                while time.monotonic() < report_deadline and \
+                        not (await self._fetch_reports(worker_name, consume=False))[0]:
+                    await asyncio.sleep(0.1)
             events, completed = await self._fetch_reports(worker_name)
             ended = self._ended.get(spec_name)
             if ended is not None:  # the launcher's word completes the worker's last report
@@ -564,13 +569,15 @@ class LithopsCluster(SpecCluster):
                 events = [{}]  # left without a word
             failures = [describe(worker_name, e, mode=self.mode, limits=self.failure_limits())
                         for e in events if e.get("kind") not in PLANNED]
-            if failures and completed != self._progress_mark:
-                self._progress_mark, self._failures_in_a_row = completed, 0
             for failure in failures:
                 self._record(failure)
-                self._failures_in_a_row += 1
-            if back or spec_name not in self.worker_spec:
-                return  # restarted by its nanny, or replaced/removed already
+            if back:
+                return  # restarted by its nanny: not lost (dask's allowed-failures bounds the task)
+            if failures and completed != self._progress_mark:
+                self._progress_mark, self._failures_in_a_row = completed, 0
+            self._failures_in_a_row += len(failures)
+            if spec_name not in self.worker_spec:
+                return  # replaced or removed already (another member of its group)
             if ended is None and set(self._members(spec_name)) & self._registered_names():
                 return  # the rest of its group lives on
             if not failures:

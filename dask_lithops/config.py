@@ -259,8 +259,12 @@ def _describe(node: Mapping) -> str:
         parts.append("/".join(t for t in types))
     if "minimum" in node:
         parts.append(f">= {node['minimum']}")
+    if "exclusiveMinimum" in node:
+        parts.append(f"> {node['exclusiveMinimum']}")
     if "maximum" in node:
         parts.append(f"<= {node['maximum']}")
+    if "exclusiveMaximum" in node:
+        parts.append(f"< {node['exclusiveMaximum']}")
     text = " ".join(parts)
     if node.get("description"):
         text = f"{text} ({node['description']})" if text else node["description"]

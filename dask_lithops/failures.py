@@ -194,6 +194,14 @@ def describe(name: str, report: dict | None, mode: str = "", limits: dict | None
         msg = f"{who} closed itself" + (f" ({report['error']})" if report.get("error") else "")
         return WorkerFailure(name, kind, msg, "see the worker's log (cluster.get_logs())",
                              detail=detail)
+    if mode == "serverless":
+        msg = f"{who}'s invocation ended without a report" + (
+            f" ({report['error']})" if report.get("error") else "")
+        return WorkerFailure(name, "lost", msg, (
+            "see the function's logs; a function worker that ends without a word was usually "
+            "killed by its platform for memory (raise runtime_memory, or use smaller tasks: a "
+            "single allocation past the limit leaves no time to report) or time"),
+            detail=detail)
     msg = f"{who} left the cluster without saying why" + (
         f" ({report['error']})" if report.get("error") else "")
     return WorkerFailure(name, "lost", msg, "see the worker's log (cluster.get_logs())",
@@ -310,7 +318,8 @@ class FailureMonitor(SchedulerPlugin):
 
     def fail_waiting(self, message: str | None = None, keys: list | None = None,
                      **kwargs) -> int:
-        """Fail tasks waiting for a worker (or the given keys) with ``message``."""
+        """Fail tasks waiting for a worker, or the given keys (waiting or processing),
+        with ``message``."""
         if keys is None:
             self.given_up = message
             keys = [ts.key for ts in self.scheduler.unrunnable]
@@ -331,6 +340,10 @@ class FailureMonitor(SchedulerPlugin):
                 _RANK.get(last.get("kind"), 0) > _RANK.get(report.get("kind"), 0):
             last.update({k: v for k, v in report.items() if k not in last})
             return
+        if last is not None and now - last["received"] < 5 and last.get("final") and \
+                _RANK.get(last.get("kind"), 0) <= 1 < _RANK.get(report.get("kind"), 0):
+            last.update(report)  # the precise reason of an end just reported vaguely
+            return
         self.seq += 1
         events.append({**report, "received": now, "seq": self.seq})
         del events[:-20]
@@ -346,10 +359,13 @@ class FailureMonitor(SchedulerPlugin):
         recs = {}
         for key in keys:
             ts = s.tasks.get(key)
-            if ts is None or ts.state not in ("no-worker", "queued"):
+            if ts is None or ts.state not in ("no-worker", "queued", "processing"):
                 continue
+            extra = {}
+            if ts.state == "processing":  # e.g. it outlived its worker's lifetime
+                extra["worker"] = ts.processing_on.address
             recs.update(s.transition(key, "erred", exception=exc, cause=key,
-                                     exception_text=message, stimulus_id=stimulus_id))
+                                     exception_text=message, stimulus_id=stimulus_id, **extra))
         if recs:
             s.transitions(recs, stimulus_id=stimulus_id)
         n = sum(1 for k in keys if getattr(s.tasks.get(k), "state", None) == "erred")

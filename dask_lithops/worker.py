@@ -29,6 +29,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -112,6 +113,7 @@ class _CannotRunUserCode(logging.Handler):
         super().__init__(logging.ERROR)
         self.worker = worker
         self.sent = False
+        self.posting: asyncio.Future | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.sent or not record.exc_info or record.exc_info[1] is None:
@@ -121,8 +123,13 @@ class _CannotRunUserCode(logging.Handler):
             return
         self.sent = True
         report["name"] = str(self.worker.name)
+        worker = self.worker
+
+        def post():
+            self.posting = asyncio.ensure_future(_post_from_worker(worker, report))
+
         try:
-            self.worker.loop.add_callback(_post_from_worker, self.worker, report)
+            worker.loop.add_callback(post)
         except Exception:  # the loop is closing: nothing to do
             pass
 
@@ -138,11 +145,13 @@ def dask_setup(worker) -> None:
         logging.getLogger(name).addHandler(handler)
 
 
-def dask_teardown(worker) -> None:
+async def dask_teardown(worker) -> None:
     handler = getattr(worker, "_dask_lithops_report_handler", None)
     if handler is not None:
         for name in _LOGGERS_OF_DESERIALIZATION:
             logging.getLogger(name).removeHandler(handler)
+        if handler.posting is not None:  # the reason goes before the process' final report
+            await asyncio.wait([handler.posting], timeout=6)
 
 
 async def _post_from_worker(worker, report: dict) -> None:
@@ -179,6 +188,66 @@ def _nanny_class():
             return await super()._on_worker_exit(exitcode)
 
     return ReportingNanny
+
+
+def _worker_class():
+    """A Worker (no nanny: FaaS) whose close does not wait for running task threads:
+    a retired worker's invocation must end at once, not when a task that outlived
+    its worker finally returns (the function's hard timeout)."""
+    from distributed import Worker
+
+    class PromptWorker(Worker):
+        async def close(self, *args, executor_wait: bool = False, **kwargs):
+            return await super().close(*args, executor_wait=executor_wait, **kwargs)
+
+    return PromptWorker
+
+
+class _MemoryWatchdog(threading.Thread):
+    """For a worker without a nanny: what the nanny's memory monitor does (terminate at
+    ``distributed.worker.memory.terminate`` of the limit), but first tell the
+    scheduler why -- a function killed by its platform for memory says nothing."""
+
+    def __init__(self, payload: LaunchPayload, security, limit: int, fraction: float):
+        super().__init__(name="dask-lithops-memory-watchdog", daemon=True)
+        self.payload, self.security = payload, security
+        self.limit, self.fraction = limit, fraction
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        # RSS, as the nanny measures: a sandbox's cgroup usage also counts files in its
+        # tmpfs and page cache (an unpacked runtime), which is not the worker's memory
+        proc = psutil.Process()
+        while not self.stopped.wait(0.01):  # a growing task adds tens of MB per 10 ms at most
+            rss = proc.memory_info().rss
+            if rss > self.fraction * self.limit:
+                logger.error("worker %s uses %d bytes, over %.0f%% of its memory limit %d: "
+                             "terminating it", self.payload.name, rss, self.fraction * 100,
+                             self.limit)
+                report = {"name": self.payload.name, "kind": "out-of-memory",
+                          "reason": "out-of-memory", "rss": rss, "limit": self.limit,
+                          "final": True}
+                try:
+                    asyncio.run(post_report(self.payload.scheduler_address, self.security,
+                                            report, timeout=2))
+                finally:
+                    os._exit(137)
+
+
+def _memory_watchdog(payload: LaunchPayload, security) -> _MemoryWatchdog | None:
+    import dask.config
+    from dask.utils import parse_bytes
+
+    fraction = dask.config.get("distributed.worker.memory.terminate", 0.95)
+    limit = payload.memory_limit
+    if payload.nanny or not fraction or limit in (None, "auto", 0):
+        return None
+    limit = parse_bytes(limit) if isinstance(limit, str) else int(limit)
+    watchdog = _MemoryWatchdog(payload, security, limit, float(fraction))
+    watchdog.start()
+    return watchdog
 
 
 def _reset_signals_in_child() -> None:
@@ -262,10 +331,8 @@ async def run_worker_async(payload: LaunchPayload | dict, on_ready=None) -> dict
     import dask.config
 
     with dask.config.set(_dotted(payload.config or {})), dask.config.set(_start_method(payload)):
-        from distributed import Worker
-
         kwargs = _server_kwargs(payload)
-        cls = _nanny_class() if payload.nanny else Worker
+        cls = _nanny_class() if payload.nanny else _worker_class()
         server = cls(payload.scheduler_address, **kwargs)
         await server
         address = server.worker_address if payload.nanny else server.address
@@ -286,6 +353,7 @@ async def run_worker_async(payload: LaunchPayload | dict, on_ready=None) -> dict
                 pass  # not the main thread (e.g. inside a function runtime)
         watchdog = asyncio.create_task(
             _scheduler_watchdog(server, payload, kwargs["security"]))
+        memory_watchdog = _memory_watchdog(payload, kwargs["security"])
         finished = asyncio.create_task(server.finished())
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait([finished, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -299,6 +367,8 @@ async def run_worker_async(payload: LaunchPayload | dict, on_ready=None) -> dict
             reason = "lifetime"
         watchdog.cancel()
         stopper.cancel()
+        if memory_watchdog is not None:
+            memory_watchdog.stopped.set()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.remove_signal_handler(sig)

@@ -42,6 +42,20 @@ def test_every_default_key_is_in_the_schema():
         assert config._schema_at(key.split(".")) is not None, key
 
 
+def test_schema_nodes_use_only_json_schema_keywords():
+    """A comma in an unquoted flow-style description splits it into stray keys."""
+    vocabulary = {"type", "description", "minimum", "maximum", "exclusiveMinimum",
+                  "exclusiveMaximum", "enum", "anyOf", "items", "properties",
+                  "additionalProperties", "$ref"}
+
+    def stray(node, path):
+        for key, sub in node.get("properties", {}).items():
+            yield from ((f"{path}.{key}", k) for k in set(sub) - vocabulary)
+            yield from stray(sub, f"{path}.{key}")
+
+    assert list(stray(config.schema(), "")) == []
+
+
 def test_env_var_is_read_and_named_as_source(monkeypatch):
     monkeypatch.setenv("DASK_LITHOPS__LOCALHOST__WORKER_PROCESSES", "3")
     dask.config.refresh()

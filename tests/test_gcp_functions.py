@@ -77,6 +77,10 @@ def test_google_cloud_needs_project_region_and_contact_address(monkeypatch, tmp_
                        r"scheduler='local'"):
         ServerlessCluster(backend="gcp_functions", project_name="p", region="europe-west1",
                           scheduler="local")
+    # auto on GCP with nothing reachable: no EC2 VM for Google's functions, the same error
+    with pytest.raises(config.ConfigError, match=r"contact_address is required with "
+                       r"scheduler='auto' on gcp_functions.*scheduler='ssh'"):
+        ServerlessCluster(backend="gcp_functions", project_name="p", region="europe-west1")
 
 
 def test_lithops_config_file_gcp_sections(monkeypatch, tmp_path, credentials_file):

@@ -189,6 +189,51 @@ def test_scheduler_on_an_ssh_host(emulator, ssh_host):
         usage["workers"]
 
 
+def test_rotation_with_the_scheduler_on_a_host(emulator, ssh_host):
+    """runtime_timeout=20s, a 40 s chain: workers rotate (drained, then retired by the remote
+    scheduler), no key is lost or computed twice."""
+    import numpy as np
+
+    host = ssh_host.hosts[0]
+    cluster = ServerlessCluster(
+        endpoint_url=emulator.endpoint_url, scheduler="ssh", scheduler_host=f"root@{host}",
+        scheduler_options=dict(ssh_key_filename=ssh_host.key_filename,
+                               known_hosts=ssh_host.known_hosts, remote_python=sys.executable,
+                               install_runtime=False),
+        extra_packages=EXTRA, runtime_memory=1152, runtime_timeout=20, dashboard_address=None)
+
+    def step(prev, i):
+        time.sleep(1.0)
+        return prev + np.full(1000, i, dtype="int64")
+
+    def transitions(dask_scheduler):
+        import collections
+
+        log = list(dask_scheduler.transition_log)
+        computed = collections.Counter(str(key) for key, start, finish, *_ in log
+                                       if start == "processing" and finish == "memory")
+        # a task running on a worker that rotated out, taken away from it
+        interrupted = [str(key) for key, start, finish, _, stimulus, *_ in log
+                       if start == "processing" and finish != "memory" and "rotate" in stimulus]
+        return dict(computed), interrupted
+
+    with cluster, Client(cluster) as client:
+        cluster.scale(2)
+        client.wait_for_workers(2, timeout=60)
+        futures = [client.submit(np.zeros, 1000, dtype="int64", pure=False)]
+        for i in range(1, 41):
+            futures.append(client.submit(step, futures[-1], i, pure=False))
+        results = client.gather(futures)
+        for i, r in enumerate(results):
+            assert int(r[0]) == i * (i + 1) // 2
+        counts, interrupted = client.run_on_scheduler(transitions)
+        assert max(counts.values()) == 1, {k: v for k, v in counts.items() if v > 1}
+        assert interrupted == []  # drained first: running tasks finished where they ran
+        assert len(cluster.usage_tracker.records) >= 2 + 2 * 2  # each slot rotated twice
+        assert not [i for i in emulator.invocations(cluster.function_name)
+                    if i.status == "timedout"]
+
+
 # -- aws_ec2: a small VM (moto + the VM booter) ------------------------------------------------
 def vm_options(world, **overrides) -> dict:
     """scheduler_options for the scheduler's VM in the EC2 world (StandaloneCluster's keys)."""

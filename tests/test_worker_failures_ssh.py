@@ -48,17 +48,22 @@ def test_missing_key_file_is_its_own_error(hosts, tmp_path):
     assert no_dask_left(hosts)
 
 
-def test_worker_group_killed_while_its_host_lives_is_replaced(hosts):
+@pytest.mark.parametrize("scheduler", ["local", "remote"])
+def test_worker_group_killed_while_its_host_lives_is_replaced(hosts, scheduler):
+    """With scheduler="remote" the scheduler runs on the host: the cluster learns of the
+    loss over the scheduler's RPC (worker stream, FailureMonitor), not in-process."""
     from distributed import Client
 
     from dask_lithops.standalone import StandaloneCluster
 
-    with StandaloneCluster(**cluster_kwargs(hosts)) as cluster, Client(cluster) as client:
+    with StandaloneCluster(**cluster_kwargs(hosts, scheduler=scheduler)) as cluster, \
+            Client(cluster) as client:
         client.wait_for_workers(2, timeout=60)
         before = set(client.scheduler_info()["workers"])
+        group = next(iter(cluster.workers.values()))
         killed_at = time.monotonic()
-        for pid, _ in hosts.dask_processes_on(hosts.hosts[0]):  # the whole group
-            os.kill(pid, signal.SIGKILL)
+        for pid in group.pids:  # each worker's session: nanny and worker process
+            os.killpg(pid, signal.SIGKILL)
         deadline = killed_at + 60
         while time.monotonic() < deadline:
             now = set(client.scheduler_info()["workers"])

@@ -35,6 +35,7 @@ from dask_lithops.cluster import (
     WorkerLaunchError,
     inherited_config,
 )
+from dask_lithops.failures import FAIL_WAITING_OP, PLUGIN_NAME, describe
 from dask_lithops.payload import (
     LaunchPayload,
     RuntimeMismatch,
@@ -58,9 +59,24 @@ __all__ = ["BACKENDS", "FunctionWorker", "PayloadTooLarge", "ServerlessCluster",
 
 _STOP_WAIT = 15.0  # for a stopped worker's exit report
 _END_WAIT = 5.0  # then for its invocation to return (a held request), before cutting it off
+LIFETIME_ATTEMPTS = 2  # workers a task may outlive before it fails (it cannot finish in time)
 _GOLDEN = 0.6180339887498949
 _PAYLOAD_FIELDS = tuple(f.name for f in dataclasses.fields(LaunchPayload))
 _CLUSTER_OPTIONS = frozenset(inspect.signature(LithopsCluster.__init__).parameters) - {"self"}
+
+
+def _invocation_failure(report: dict, memory_mb: int) -> dict:
+    """The failure report of an invocation that ended in a platform error."""
+    error = str(report.get("error") or "")
+    if "OutOfMemory" in error or "memory limit" in error.lower():
+        return {"kind": "out-of-memory", "limit": memory_mb * 2**20, "error": error}
+    return {"kind": "error", "error": error or report.get("reason")}
+
+
+class _ProbeWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("TLS handshake failed" in text and "EOF" in text)
 
 
 class PayloadTooLarge(config.ConfigError):
@@ -124,6 +140,17 @@ class _Tracker(SchedulerPlugin):
         for name, addr in list(self.cluster._addresses.items()):
             if addr == worker:
                 self.cluster._on_worker_removed(name)
+
+
+def drain_on_scheduler(name: str, dask_scheduler=None) -> int:
+    """(Runs on the scheduler.) Give worker ``name`` no new tasks; return how many it runs."""
+    for ws in list(dask_scheduler.workers.values()):
+        if str(ws.name) == name:
+            if ws.status == Status.running:
+                dask_scheduler.handle_worker_status_change(
+                    Status.closing_gracefully, ws, stimulus_id=f"dask-lithops-rotate-{name}")
+            return len(ws.processing)
+    return 0
 
 
 class ServerlessCluster(LithopsCluster):
@@ -259,14 +286,16 @@ class ServerlessCluster(LithopsCluster):
         contact = config.get("cluster.contact_address", contact_address)
         if not contact and placement in ("auto", "local"):
             contact = self.backend.default_contact_address()
-        if placement == "auto":
-            placement = "local" if contact else "aws_ec2"
+        auto = placement == "auto"
+        if auto:
+            placement = "local" if contact else (self.backend.auto_scheduler_placement or "local")
         if placement == "local" and not contact:
             raise config.ConfigError(
-                "lithops.cluster.contact_address is required with scheduler='local': the "
-                "address of this host that functions can reach (a public or VPC address; TLS "
-                "and the relay token keep strangers out); or scheduler='aws_ec2' (a small VM "
-                "runs the scheduler) or scheduler='ssh' with scheduler_host='user@host'")
+                f"lithops.cluster.contact_address is required with scheduler="
+                f"{'auto' if auto else 'local'!r} on {backend}: the address of this host that "
+                "functions can reach (a public or VPC address; TLS and the relay token keep "
+                "strangers out); or scheduler='aws_ec2' (a small VM runs the scheduler) or "
+                "scheduler='ssh' with scheduler_host='user@host' (lithops.serverless.scheduler)")
         self.scheduler_placement = placement
         self.remote_host: placements.SchedulerHost | None = None
         if placement in placements.REMOTE:
@@ -288,6 +317,7 @@ class ServerlessCluster(LithopsCluster):
         self._exit_reports: dict[str, dict] = {}
         self._retiring: dict[str, FunctionWorker] = {}
         self._invocations: dict[str, Invocation] = {}  # worker name -> its invocation
+        self._lifetime_attempts: dict = {}  # task key -> workers it outlived
         self._rotation_task: asyncio.Task | None = None
         self._report_task: asyncio.Task | None = None
         self._payload_template: LaunchPayload | None = None
@@ -385,7 +415,14 @@ class ServerlessCluster(LithopsCluster):
     async def _install_scheduler_side(self) -> None:
         """Worker tracking and exit reports, on the scheduler wherever it runs."""
         if self.remote_scheduler is None:
-            self.scheduler.handlers[EXIT_REPORT_OP] = self._on_exit_report
+            monitor = self.scheduler.plugins.get(PLUGIN_NAME)
+
+            def on_exit_report(report=None, **kwargs):  # the cluster's bookkeeping, and why
+                if monitor is not None:
+                    monitor.on_report(report=report)
+                self._on_exit_report(report=report)
+
+            self.scheduler.handlers[EXIT_REPORT_OP] = on_exit_report
             self.scheduler.add_plugin(_Tracker(self), name=_Tracker.name)
             return
         # remote: workers come and go through the cluster's worker-status stream
@@ -454,9 +491,18 @@ class ServerlessCluster(LithopsCluster):
     async def _check_reachable(self) -> None:
         """Before any worker is invoked: can a function dial the scheduler and the relay?"""
         timeout = max(1.0, min(10.0, self.worker_start_timeout / 3))
-        await asyncio.get_running_loop().run_in_executor(
-            self._invoke_pool, reachability.check, self.backend, self.function_name,
-            self.dial_targets(), timeout)
+        # the probe is a bare TCP connect: the scheduler's TLS listener would warn that
+        # it closed before a handshake; that one line says nothing to the user
+        tcp_log = logging.getLogger("distributed.comm.tcp")
+        quiet = _ProbeWarningFilter()
+        tcp_log.addFilter(quiet)
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._invoke_pool, reachability.check, self.backend, self.function_name,
+                self.dial_targets(), timeout)
+            await asyncio.sleep(0.2)  # the listener notices the probe's close
+        finally:
+            tcp_log.removeFilter(quiet)
 
     async def _close(self):
         if self._rotation_task is not None:
@@ -556,7 +602,7 @@ class ServerlessCluster(LithopsCluster):
                            " before the worker started" if never_joined else "",
                            report.get("error"))
             if name in self.worker_spec and name not in self._addresses:
-                self._replace_lost(name)
+                self.worker_ended(name, _invocation_failure(report, self.memory))
 
     def scale(self, n=0, memory=None, cores=None):
         if n > self.max_workers:
@@ -587,35 +633,15 @@ class ServerlessCluster(LithopsCluster):
             asyncio.ensure_future(self._close_registered(name))
 
     def _on_worker_removed(self, name: str) -> None:
+        # a worker that left on its own is replaced by the base (LithopsCluster._check_down)
         self._addresses.pop(name, None)
         self.usage_tracker.ended(name, self._exit_reports.get(name))
-        if name in self.worker_spec and self.status == Status.running:
-            self._replace_lost(name)
 
-    def _replace_lost(self, name: str) -> None:
-        """A worker left on its own (crash, out of memory): keep the requested count."""
-        now = time.monotonic()
-        self._lost = [t for t in getattr(self, "_lost", []) if now - t < 60] + [now]
-        if len(self._lost) > 2 * len(self.worker_spec) + 3:
-            logger.error("workers keep failing (%d in the last minute); not replacing %s: "
-                         "see the function's logs", len(self._lost), name)
-            return
-        spec = self.worker_spec.pop(name)
-        launcher = self.workers.pop(name, None)
-        new_name = next(iter(self.new_worker_spec()))
-        self.worker_spec[new_name] = spec
-        logger.warning("worker %s left unexpectedly; starting %s instead", name, new_name)
-        if isinstance(launcher, FunctionWorker):
-            self._retiring[name] = launcher
-
-            async def _forget():
-                try:
-                    await launcher.close()
-                finally:
-                    self._retiring.pop(name, None)
-
-            asyncio.ensure_future(_forget())
-        self._correct_state()
+    def failure_limits(self) -> dict:
+        low, high = self.backend.memory_range
+        return {"memory_option": "runtime_memory",
+                "max_memory": f"{high} MB on {self.backend.name}",
+                "timeout": self.timeout, "max_timeout": self.backend.max_timeout}
 
     def _on_exit_report(self, report: dict | None = None, **kwargs) -> None:
         report = report or {}
@@ -643,6 +669,9 @@ class ServerlessCluster(LithopsCluster):
             except Exception as e:
                 logger.debug("closing worker %s: %s", name, e)
 
+    def _known_dead(self) -> set[str]:
+        return {f.name for f in self.worker_failures}
+
     async def stop_worker(self, name: str) -> None:
         """Close worker ``name`` and wait until its invocation has returned."""
         registered = name in self._addresses
@@ -655,6 +684,10 @@ class ServerlessCluster(LithopsCluster):
             # its scheduler gone, and ends at once
             return
         ev = self._exited.setdefault(name, asyncio.Event())
+        if not ev.is_set() and name in self._known_dead():
+            # it crashed (its end was handled): its invocation is over, no report comes
+            self.usage_tracker.ended(name, self._exit_reports.get(name))
+            return
         try:
             await asyncio.wait_for(ev.wait(), _STOP_WAIT)
         except asyncio.TimeoutError:
@@ -707,7 +740,16 @@ class ServerlessCluster(LithopsCluster):
             # 2. drain: no new tasks for the old worker; let its running ones finish
             addr = self._addresses.get(name)
             if self.remote_scheduler is not None:
-                # the scheduler is elsewhere: retire_workers drains and moves the data
+                # the scheduler is elsewhere: the same steps, run there
+                from distributed.protocol.pickle import dumps
+
+                while addr and time.monotonic() < deadline and self.status == Status.running:
+                    answer = await self.scheduler_comm.run_function(
+                        function=dumps(drain_on_scheduler), args=dumps((name,)),
+                        kwargs=dumps({}))
+                    if not (answer or {}).get("result"):
+                        break
+                    await asyncio.sleep(0.2)
                 if addr and self.status == Status.running:
                     await self.scheduler_comm.retire_workers(
                         names=[name], close_workers=True, remove=True,
@@ -721,6 +763,9 @@ class ServerlessCluster(LithopsCluster):
             while ws is not None and ws.processing and time.monotonic() < deadline and \
                     self.status == Status.running:
                 await asyncio.sleep(0.2)
+            # tasks still running now would be cut off: count it; past the bound they fail
+            if ws is not None and ws.processing and self.status == Status.running:
+                await self._tasks_outlived_worker(name, [ts.key for ts in ws.processing])
             # 3. retire: its data moves to peers, then it closes and its invocation returns
             if addr and addr in self.scheduler.workers and self.status == Status.running:
                 await self.scheduler.retire_workers(
@@ -731,6 +776,31 @@ class ServerlessCluster(LithopsCluster):
             logger.exception("rotating out worker %s failed", name)
         finally:
             self._retiring.pop(name, None)
+
+    async def _tasks_outlived_worker(self, name: str, keys: list) -> None:
+        """Tasks still running when their worker must retire are restarted on another
+        worker; a task that outlives ``LIFETIME_ATTEMPTS`` workers fails (it never ends
+        within a function's time limit) instead of being retried forever."""
+        over = []
+        for key in keys:
+            self._lifetime_attempts[key] = self._lifetime_attempts.get(key, 0) + 1
+            if self._lifetime_attempts[key] >= LIFETIME_ATTEMPTS:
+                over.append(key)
+        if not over:
+            logger.warning("worker %s retires before its function's timeout with %d tasks "
+                           "still running: they start again on another worker", name, len(keys))
+            return
+        failure = describe(name, {
+            "kind": "timeout", "timeout": self.timeout, "keys": [str(k) for k in over[:5]],
+            "error": f"(tasks still running after {LIFETIME_ATTEMPTS} workers' lifetimes of "
+                     f"{self.worker_lifetime:.0f}s each: {', '.join(map(str, over[:3]))})"},
+            mode=self.mode, limits=self.failure_limits())
+        self._record(failure)
+        try:
+            await asyncio.wait_for(getattr(self.scheduler_comm, FAIL_WAITING_OP)(
+                message=str(failure), keys=over), 10)
+        except Exception as e:
+            logger.warning("could not fail tasks %s: %s", over, e)
 
     def _data_recipients(self, name: str) -> bool:
         """Is a worker other than ``name`` running (not draining): one that can take data?"""

@@ -30,6 +30,7 @@ import asyncio  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
+import ssl  # noqa: E402
 import sys  # noqa: E402
 
 logger = logging.getLogger("dask_lithops.serverless.handler")
@@ -159,7 +160,9 @@ async def _run(event: dict, deadline: float | None, memory_mb: int, request_id: 
         report = await run_worker_async(
             payload, on_ready=lambda info: timeline.setdefault("registered", time.time()))
     except RuntimeMismatch as e:
-        report = {"name": payload.name, "reason": "runtime-mismatch", "error": str(e)}
+        report = {"name": payload.name, "reason": "runtime-mismatch", "kind": "error",
+                  "error": str(e)}
+    report["final"] = True  # the invocation returns now
     report["duration"] = time.time() - start
     report["started"] = start
     report["timeline"] = timeline
@@ -174,14 +177,24 @@ async def _scheduler_reachable(payload, security, timeout: float = 10.0) -> bool
     from distributed.comm.addressing import parse_address, parse_host_port
 
     host, port = parse_host_port(parse_address(payload.scheduler_address)[1])
+    # a TLS listener logs a warning for a connection closed before its handshake
+    ssl_context = security.get_connection_args("worker").get("ssl_context")
     deadline = time.monotonic() + min(timeout, payload.death_timeout or timeout)
     while True:
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 3)
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, ssl=ssl_context,
+                                        server_hostname=host if ssl_context else None), 3)
             writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 1)
+            except (OSError, asyncio.TimeoutError):
+                pass
             return True
         except ConnectionRefusedError:
             return False  # the host answers: nothing listens there any more
+        except ssl.SSLError:
+            return True  # something answers TLS there: the worker's own start reports more
         except (OSError, asyncio.TimeoutError):
             if time.monotonic() > deadline:
                 return False

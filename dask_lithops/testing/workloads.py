@@ -20,3 +20,12 @@ def hold_memory(mb: int, seconds: float = 10.0) -> int:
 def sleep_then(seconds: float, value=None):
     time.sleep(seconds)
     return value
+
+
+def grow_memory(mb: int, step_mb: int = 16, pause: float = 0.02) -> int:
+    """Allocate ``mb`` MiB step by step, as a task building a large result does."""
+    chunks = []
+    for _ in range(mb // step_mb):
+        chunks.append(b"\x01" * (step_mb * 2**20))
+        time.sleep(pause)
+    return sum(len(c) for c in chunks)

@@ -104,6 +104,9 @@ class FaaSBackend:
     # what in this platform's settings connects functions to a private network (the
     # reachability check's advice), e.g. Lambda's VPC subnets and security groups
     network_hint: ClassVar[str] = ""
+    # where scheduler="auto" puts the scheduler when no contact address is known: a host
+    # provider of the same cloud (lithops.serverless.scheduler), or None: ask for one
+    auto_scheduler_placement: ClassVar[str | None] = None
 
     def __init__(self, config: dict[str, Any], *, platform: bool = True):
         """``config``: from :meth:`resolve_config`.  Validates it (a ConfigError naming the

@@ -57,6 +57,7 @@ class AWSLambdaBackend(FaaSBackend):
     # us-east-1 public prices
     PRICES = {"x86_64": 0.0000166667, "arm64": 0.0000133334}
     price_per_request = 0.20 / 1_000_000
+    auto_scheduler_placement = "aws_ec2"
     network_hint = ("the functions' VPC settings (lithops.aws_lambda.vpc: subnets and security "
                     "groups with a route to the scheduler's host)")
 

@@ -1,0 +1,173 @@
+"""Workers that die on Lambda (the emulator): a named error within a bound, never a hang."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("boto3")
+pytest.importorskip("awslambdaric")
+
+from distributed import Client  # noqa: E402
+
+from dask_lithops.failures import WorkerFailureError  # noqa: E402
+from dask_lithops.serverless import ServerlessCluster  # noqa: E402
+from dask_lithops.serverless.cluster import LIFETIME_ATTEMPTS  # noqa: E402
+
+EXTRA = ["pandas", "pyarrow", "numpy"]
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces for outbound-only sandboxes)")
+    from dask_lithops.testing.lambda_emulator import LambdaEmulator, sandbox_unavailable
+
+    reason = sandbox_unavailable()
+    if reason:
+        pytest.skip(f"Lambda emulator sandboxes unavailable: {reason}")
+    with LambdaEmulator(sandbox=True) as emu:
+        yield emu
+
+
+@pytest.fixture(scope="module")
+def runtime_package():
+    from dask_lithops.runtime.builder import build_runtime
+
+    return build_runtime("default", extra_packages=EXTRA)
+
+
+def task_functions():
+    """Task functions pickled by value (defined locally): the function's runtime has
+    dask_lithops' runtime modules, not this test module nor dask_lithops.testing."""
+
+    def sleep_then(seconds, value=None):
+        import time
+
+        time.sleep(seconds)
+        return value
+
+    def grow_memory(mb, step_mb=4):
+        import time
+
+        chunks = []
+        for _ in range(mb // step_mb):
+            chunks.append(b"\x01" * (step_mb * 2**20))  # touched pages: resident
+            time.sleep(0.01)
+        return sum(len(c) for c in chunks)
+
+    return sleep_then, grow_memory
+
+
+def make_cluster(emu, **kwargs):
+    kwargs.setdefault("runtime_memory", 1024)
+    kwargs.setdefault("runtime_timeout", 120)
+    kwargs.setdefault("extra_packages", EXTRA)
+    kwargs.setdefault("dashboard_address", None)
+    return ServerlessCluster(endpoint_url=emu.endpoint_url, contact_address=emu.host_address,
+                             **kwargs)
+
+
+def busy(emu, fn):
+    return [e for e in emu.environments if e.state in ("busy", "starting") and e.function == fn]
+
+
+def no_invocation_left(emu, fn, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while busy(emu, fn) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not busy(emu, fn)
+
+
+def test_task_longer_than_the_function_lifetime_fails_naming_the_fix(emulator, runtime_package):
+    sleep_then, _ = task_functions()
+    cluster = make_cluster(emulator, runtime_timeout=20)
+    fn = cluster.function_name
+    with cluster, Client(cluster) as client:
+        cluster.scale(1)
+        client.wait_for_workers(1, timeout=60)
+        start = time.monotonic()
+        with pytest.raises(WorkerFailureError) as info:
+            client.submit(sleep_then, 300, pure=False).result(timeout=120)
+        elapsed = time.monotonic() - start
+        message = str(info.value)
+        assert "ran longer than a worker's lifetime" in message
+        assert "runtime_timeout up to the backend's limit of 900s" in message
+        assert "split the task" in message and "StandaloneCluster" in message
+        # bounded: LIFETIME_ATTEMPTS workers' lifetimes (15 s each), plus the replacements'
+        # cold starts (measured: seconds alone, tens of seconds on a loaded machine)
+        records = cluster.usage()["workers"]
+        starts = sum(r["registered"] - r["invoked"] for r in records if r["registered"])
+        assert elapsed < LIFETIME_ATTEMPTS * cluster.worker_lifetime + starts + 10, \
+            (elapsed, starts)
+        assert [f.kind for f in cluster.worker_failures] == ["timeout"]
+        # the cluster still works, and no invocation ran on to the platform's timeout
+        assert client.submit(sleep_then, 0.1, 7).result(timeout=60) == 7
+        timedout = [i for i in emulator.invocations(fn) if i.status == "timedout"]
+        assert not timedout
+    assert no_invocation_left(emulator, fn)
+
+
+def test_out_of_memory_reason_reaches_the_client_and_close_is_prompt(
+        emulator, runtime_package, caplog):
+    caplog.set_level(logging.WARNING)
+    _, grow_memory = task_functions()
+    cluster = make_cluster(emulator, runtime_memory=512)
+    fn = cluster.function_name
+    with cluster, Client(cluster) as client:
+        cluster.scale(1)
+        client.wait_for_workers(1, timeout=60)
+        # a normal start prints no TLS warning (the handler's reachability probe)
+        assert not [r for r in caplog.records if "TLS handshake failed" in r.getMessage()]
+        start = time.monotonic()
+        with pytest.raises(WorkerFailureError) as info:
+            client.submit(grow_memory, 1024, pure=False).result(timeout=120)
+        assert time.monotonic() - start < 60
+        message = str(info.value)
+        assert "ran out of memory" in message and "512.00 MiB" in message
+        assert "raise runtime_memory (up to 10240 MB on aws_lambda)" in message
+        failures = cluster.worker_failures
+        assert failures and {f.kind for f in failures} == {"out-of-memory"}
+        reasons = {w["reason"] for w in cluster.usage()["workers"] if w["name"] in
+                   {f.name for f in failures}}
+        assert reasons == {"out-of-memory"}
+        logged = [r for r in caplog.records if "ran out of memory" in r.getMessage()
+                  and r.name.startswith("dask_lithops")]
+        assert len(logged) == 1
+        close_start = time.monotonic()
+    # the with block closed the cluster: prompt, and no bogus warning about dead workers
+    assert time.monotonic() - close_start < 10
+    assert not [r for r in caplog.records if "did not report its end" in r.getMessage()]
+    assert no_invocation_left(emulator, fn)
+
+
+@pytest.fixture
+def client_only_module(tmp_path, monkeypatch):
+    (tmp_path / "client_helpers_faas.py").write_text("def half(x):\n    return x / 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import client_helpers_faas
+
+    yield client_helpers_faas
+    sys.modules.pop("client_helpers_faas", None)
+
+
+def test_missing_module_in_the_function_fails_with_the_fix(
+        emulator, runtime_package, client_only_module):
+    cluster = make_cluster(emulator, runtime_memory=768)  # a function of its own
+    fn = cluster.function_name
+    with cluster, Client(cluster) as client:
+        cluster.scale(2)
+        client.wait_for_workers(2, timeout=60)
+        start = time.monotonic()
+        with pytest.raises(WorkerFailureError) as info:
+            client.gather(client.map(client_only_module.half, range(4)))
+        assert time.monotonic() - start < 60
+        assert "module 'client_helpers_faas' is a local file of the client" in str(info.value)
+        assert "client.upload_file" in str(info.value)
+        assert {f.kind for f in cluster.worker_failures} == {"missing-module"}
+    assert no_invocation_left(emulator, fn)
