@@ -395,6 +395,30 @@ def test_unreachable_scheduler_is_a_clear_error_before_any_invocation(emulator, 
     assert [e for e in emulator.environments if e.state == "busy"] == []
 
 
+def test_workers_that_never_register_get_the_explanation_once(emulator, runtime_package, caplog):
+    """The check at start passed, then the relay became unreachable (here: it closed): the
+    invocations never turn into workers, and the cluster says why and what fixes it, once."""
+    import logging
+
+    cluster = make_cluster(emulator, worker_start_timeout="5s")
+    with cluster, caplog.at_level(logging.WARNING, logger="dask_lithops.serverless.cluster"):
+        cluster.sync(cluster._relay_server.close)
+        cluster.scale(2)
+
+        def explained():
+            return [r.getMessage() for r in caplog.records
+                    if "no worker registered within worker_start_timeout" in r.getMessage()]
+
+        deadline = time.monotonic() + 40
+        while not explained() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(3)  # more invocations time out meanwhile: still one explanation
+        msgs = explained()
+        assert len(msgs) == 1, msgs
+        assert f"the relay at {cluster.relay_address}" in msgs[0], msgs[0]
+        assert 'scheduler="aws_ec2"' in msgs[0] and "contact_address" in msgs[0], msgs[0]
+
+
 def test_sigkilled_client_leaves_no_invocation_running(emulator, runtime_package, tmp_path):
     """The client dies with SIGKILL: its functions notice the lost scheduler and return
     within death_timeout, long before their own timeout (nothing keeps billing)."""
