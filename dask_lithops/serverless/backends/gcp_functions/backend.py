@@ -16,8 +16,9 @@ the worker's lifetime (:class:`HeldRequest`).
 The API calls are plain REST through google-auth's ``AuthorizedSession``
 (requests): the generated client (google-cloud-functions) would add grpcio,
 protobuf and google-api-core for the seven calls made here.  Worker requests
-run on the cluster's event loop with httpx (one coroutine per worker instead of
-a thread, and a cancelled request closes its connection).
+run on the cluster's event loop (:mod:`.transport`: asyncio streams and h11, one
+coroutine per worker instead of a thread; a cancelled request closes its
+connection).
 """
 
 from __future__ import annotations
