@@ -461,6 +461,19 @@ class GCPFunctionsBackend(FaaSBackend):
     def prepare_invoke(self, function_name: str | None = None) -> None:
         if function_name:
             self.id_token(self.function_url(function_name))
+        self._http_client()  # its TLS context takes ~0.1 s: not in the first launch
+
+    def _http_client(self):
+        """The httpx.AsyncClient of the worker requests (bound to a loop on first use)."""
+        if self._http is None:
+            import httpx
+
+            with self._lock:
+                if self._http is None:
+                    self._http = httpx.AsyncClient(
+                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+                        trust_env=True)
+        return self._http
 
     def _retry_delay(self, attempt: int) -> float:
         return min(5.0, 0.1 * 2 ** attempt) * (0.5 + random.random())
@@ -506,12 +519,7 @@ class GCPFunctionsBackend(FaaSBackend):
         url = self.function_url(function_name)  # cached by prepare_invoke
         if self._cached_id_token(url) is None:
             await asyncio.get_running_loop().run_in_executor(executor, self.id_token, url)
-        if self._http is None:
-            import httpx
-
-            self._http = httpx.AsyncClient(
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-                trust_env=True)
+        self._http_client()
         held = HeldRequest(self, function_name, url, event, name=name, executor=executor,
                            on_accepted=on_accepted, on_end=on_end)
         self._held.add(held)
