@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shlex
 import sys
 import time
@@ -141,7 +142,7 @@ def inherited_config() -> dict:
     import msgpack
 
     defaults = dask.config.merge(*dask.config.defaults)
-    diff = _config_diff(dask.config.config, defaults)
+    diff = _without_secrets(_config_diff(dask.config.config, defaults))
     out = {}
     for key, value in diff.items():
         try:
@@ -149,6 +150,25 @@ def inherited_config() -> dict:
         except (TypeError, ValueError):
             continue
         out[key] = value
+    return out
+
+
+_SECRET_KEY = re.compile(r"(secret|password|passphrase|token|access[-_]key|credential|private[-_]key)",
+                         re.IGNORECASE)
+
+
+def _without_secrets(config: dict) -> dict:
+    """The config less every key that names a credential (at any depth).
+
+    Workers get their cloud credentials from where they run (a function's role,
+    a VM's instance profile), never from the client: a key copied into the
+    launch payload would reach every invocation event, host file and log.
+    """
+    out = {}
+    for key, value in config.items():
+        if _SECRET_KEY.search(str(key)):
+            continue
+        out[key] = _without_secrets(value) if isinstance(value, dict) else value
     return out
 
 

@@ -286,3 +286,22 @@ def test_workers_inherit_the_clients_dask_config_without_losing_defaults():
                 dask.config.get("distributed.worker.memory.spill"),
             ))
     assert list(seen.values()) == [(0.42, [1, 2], dask.config.get("distributed.worker.memory.spill"))]
+
+
+def test_credentials_in_the_clients_config_never_reach_workers():
+    from dask_lithops.cluster import inherited_config
+
+    secrets_set = {"lithops.aws.access_key_id": "AKIACLIENT",
+                   "lithops.aws.secret_access_key": "client-secret",
+                   "lithops.aws.session_token": "client-token",
+                   "dl-test.db.password": "hunter2", "dl-test.keep": "visible"}
+    with dask.config.set(secrets_set):
+        sent = repr(inherited_config())
+        assert "visible" in sent
+        assert not any(v in sent for v in ("AKIACLIENT", "client-secret", "client-token", "hunter2"))
+        with LocalhostCluster(n_workers=1, dashboard_address=":0") as cluster, \
+                Client(cluster) as client:
+            seen = client.run(lambda: (dask.config.get("lithops.aws.secret_access_key", None),
+                                       dask.config.get("dl-test.db.password", None),
+                                       dask.config.get("dl-test.keep", None)))
+    assert list(seen.values()) == [(None, None, "visible")]
