@@ -16,8 +16,9 @@ the worker's lifetime (:class:`HeldRequest`).
 The API calls are plain REST through google-auth's ``AuthorizedSession``
 (requests): the generated client (google-cloud-functions) would add grpcio,
 protobuf and google-api-core for the seven calls made here.  Worker requests
-run on the cluster's event loop with httpx (one coroutine per worker instead of
-a thread, and a cancelled request closes its connection).
+run on the cluster's event loop (:mod:`.transport`: asyncio streams and h11, one
+coroutine per worker instead of a thread; a cancelled request closes its
+connection).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class GCPFunctionsBackend(FaaSBackend):
         self._credentials = None
         self._id_tokens: dict[str, Any] = {}  # audience -> IDToken credentials
         self._urls: dict[str, str] = {}  # function name -> its URL
-        self._http = None  # httpx.AsyncClient of the worker requests (made on the loop)
+        self._http = None  # the worker requests' transport (transport.py)
         self._held: set[HeldRequest] = set()
 
     # ------------------------------------------------------------------ config
@@ -461,18 +462,19 @@ class GCPFunctionsBackend(FaaSBackend):
     def prepare_invoke(self, function_name: str | None = None) -> None:
         if function_name:
             self.id_token(self.function_url(function_name))
-        self._http_client()  # its TLS context takes ~0.1 s: not in the first launch
+        http = self._http_client()
+        if function_name and self.function_url(function_name).startswith("https:") and \
+                hasattr(http, "_ssl_context"):
+            http._ssl_context()  # ~0.1 s: not in the first launch
 
     def _http_client(self):
-        """The httpx.AsyncClient of the worker requests (bound to a loop on first use)."""
+        """The worker requests' transport (:mod:`.transport`; bound to a loop on first use)."""
         if self._http is None:
-            import httpx
+            from dask_lithops.serverless.backends.gcp_functions.transport import make_transport
 
             with self._lock:
                 if self._http is None:
-                    self._http = httpx.AsyncClient(
-                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-                        trust_env=True)
+                    self._http = make_transport()
         return self._http
 
     def _retry_delay(self, attempt: int) -> float:
@@ -597,18 +599,16 @@ class HeldRequest(Invocation):
         self.cancel()
         await self.wait()
 
-    async def _trace(self, event_name: str, info: dict) -> None:
-        if event_name.endswith("send_request_body.complete") and self.accepted is None:
+    def _sent(self) -> None:
+        if self.accepted is None:
             self.accepted = time.time()
             self.on_accepted(self.name, self.request_id, self.accepted)
 
     async def _run(self) -> None:
-        import httpx
+        from dask_lithops.serverless.backends.gcp_functions.transport import TransportError
 
         backend = self.backend
         retries = int(backend.config.get("invoke_retries", 8))
-        timeout = httpx.Timeout(connect=10.0, write=30.0, pool=None,
-                                read=backend.timeout + 30.0)
         report: dict = {"reason": "cancelled"}
         try:
             while True:
@@ -620,31 +620,31 @@ class HeldRequest(Invocation):
                 headers = {"Authorization": f"Bearer {token}",
                            "Content-Type": "application/json", REQUEST_ID_HEADER: self.request_id}
                 try:
-                    r = await backend._http.post(self.url, content=self.event, headers=headers,
-                                                 timeout=timeout,
-                                                 extensions={"trace": self._trace})
-                except httpx.HTTPError as e:
+                    status, body = await backend._http_client().post(
+                        self.url, self.event, headers, read_timeout=backend.timeout + 30.0,
+                        on_sent=self._sent)
+                except TransportError as e:
                     report = {"reason": "error", "error": f"request to Cloud Run function "
-                              f"{self.function_name} failed: {type(e).__name__}: {e}"}
+                              f"{self.function_name} failed: {e}"}
                     return
-                if r.status_code in _RETRY_STATUS and not self.joined:
+                text = body.decode(errors="replace")
+                if status in _RETRY_STATUS and not self.joined:
                     if self.attempts <= retries:
-                        self.accepted = None
                         await asyncio.sleep(backend._retry_delay(self.attempts - 1))
                         continue
                     report = {"reason": "throttled", "error": backend._still_throttled(
-                        self.function_name, r.status_code, retries, r.text)}
+                        self.function_name, status, retries, text)}
                     return
-                if r.status_code == 200:
+                if status == 200:
                     try:
-                        report = r.json()
+                        report = json.loads(body)
                     except ValueError:
-                        report = {"reason": "error", "error": f"no JSON: {r.text[:500]}"}
+                        report = {"reason": "error", "error": f"no JSON: {text[:500]}"}
                     if not isinstance(report, dict):
                         report = {"reason": "error", "error": f"unexpected answer {report!r}"}
                     return
                 report = {"reason": "error", "error": f"Cloud Run function {self.function_name} "
-                          f"answered HTTP {r.status_code}: {r.text[:500]}"}
+                          f"answered HTTP {status}: {text[:500]}"}
                 return
         except asyncio.CancelledError:
             report = {"reason": "cut-off"}
