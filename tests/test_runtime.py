@@ -193,5 +193,7 @@ def test_a_wheel_whose_requires_python_excludes_the_hosts_python_is_left_out_by_
     house = wheels.fetch(entries, host, local)
     assert set(house.wheels) == {"dl-any"}
     assert house.missing == {"dl-new-micro": "requires Python >=3.11.5; the host has 3.11.2"}
+    c = wheels.Target.client()
+    assert host.is_client == ((c.python, c.system, c.machine) == ("3.11", "Linux", "x86_64"))
     newer = wheels.fetch(entries, wheels.Target("3.11", "Linux", "x86_64", "3.11.7"), local)
     assert set(newer.wheels) == {"dl-new-micro", "dl-any"} and not newer.missing

@@ -53,7 +53,10 @@ class Target:
 
     @property
     def is_client(self) -> bool:
-        return self == Target.client()
+        """The client's platform: pip's own tags apply and sdists may be built here."""
+        client = Target.client()
+        return (self.python, self.system, self.machine) == \
+            (client.python, client.system, client.machine)
 
     @property
     def key(self) -> str:
