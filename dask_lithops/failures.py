@@ -63,9 +63,13 @@ class WorkerFailure:
 
     @property
     def cause(self) -> tuple:
-        """What makes two failures the same (logged once)."""
-        return (self.kind, self.detail.get("module") or self.detail.get("exitcode")
-                or self.detail.get("signal"))
+        """What makes two failures the same (logged once).
+
+        How the process ended counts only where it is all there is to say: a memory kill
+        may come with the nanny's SIGTERM exit report merged in, or without it."""
+        if self.kind in ("signal", "exit"):
+            return (self.kind, self.detail.get("exitcode") or self.detail.get("signal"))
+        return (self.kind, self.detail.get("module") or self.detail.get("library"))
 
 
 # ---------------------------------------------------------------------- reports -> words
