@@ -12,6 +12,9 @@ if [ "$WITH_SYSTEM" = 1 ]; then
   command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
   command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || need+=(nftables)
   command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need+=(iproute2)
+  # the SSH test hosts' bare system Python builds its runtime venv with venv/ensurepip
+  [ -x /usr/bin/python3 ] || need+=(python3)
+  /usr/bin/python3 -c "import ensurepip, venv" >/dev/null 2>&1 || need+=(python3-venv)
   if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       echo "ci/setup.sh: installing ${need[*]}"

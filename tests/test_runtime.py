@@ -168,3 +168,32 @@ def test_what_cannot_be_reproduced_is_a_warning_naming_it(tmp_path):
         again = wheels.fetch(entries[:1], wheels.Target.client(), {}, progress)
         assert again.wheels["toolz"] == house.wheels["toolz"]
         assert progress.records == []  # no "fetching" phase
+
+
+def test_a_wheel_whose_requires_python_excludes_the_hosts_python_is_left_out_by_name(tmp_path):
+    """pip download targets major.minor only: a wheel needing a later micro release must not
+    reach a host whose Python it refuses (it would fail the whole venv install there)."""
+    import zipfile
+
+    from dask_lithops.runtime import contents, wheels
+
+    def make_wheel(name: str, requires_python: str):
+        path = tmp_path / f"{name}-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr(f"{name}-1.0.dist-info/METADATA",
+                       f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n"
+                       f"Requires-Python: {requires_python}\n")
+        return path
+
+    entries = [contents.Entry("dl-new-micro", "1.0", contents.CLIENT, source="local", path="x"),
+               contents.Entry("dl-any", "1.0", contents.CLIENT, source="local", path="y")]
+    local = {"dl-new-micro": (make_wheel("dl_new_micro", ">=3.11.5"), "h1"),
+             "dl-any": (make_wheel("dl_any", ">=3.8"), "h2")}
+    host = wheels.Target("3.11", "Linux", "x86_64", "3.11.2")
+    house = wheels.fetch(entries, host, local)
+    assert set(house.wheels) == {"dl-any"}
+    assert house.missing == {"dl-new-micro": "requires Python >=3.11.5; the host has 3.11.2"}
+    c = wheels.Target.client()
+    assert host.is_client == ((c.python, c.system, c.machine) == ("3.11", "Linux", "x86_64"))
+    newer = wheels.fetch(entries, wheels.Target("3.11", "Linux", "x86_64", "3.11.7"), local)
+    assert set(newer.wheels) == {"dl-new-micro", "dl-any"} and not newer.missing

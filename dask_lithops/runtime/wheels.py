@@ -44,14 +44,19 @@ class Target:
     python: str
     system: str = "Linux"
     machine: str = "x86_64"
+    python_version: str | None = None  # the full "3.11.2", for wheels' Requires-Python
 
     @classmethod
     def client(cls) -> Target:
-        return cls("%d.%d" % sys.version_info[:2], platform.system(), platform.machine())
+        return cls("%d.%d" % sys.version_info[:2], platform.system(), platform.machine(),
+                   platform.python_version())
 
     @property
     def is_client(self) -> bool:
-        return self == Target.client()
+        """The client's platform: pip's own tags apply and sdists may be built here."""
+        client = Target.client()
+        return (self.python, self.system, self.machine) == \
+            (client.python, client.system, client.machine)
 
     @property
     def key(self) -> str:
@@ -203,7 +208,37 @@ def fetch(entries: list[Entry], target: Target, local: dict[str, tuple[Path | No
                         missing.setdefault(e.name, "no wheel found")
                 ph.detail = f"{len(todo) - sum(e.name in missing for e in todo)} wheels, " \
                             f"{progress_mod.format_bytes(got)}; cached in {directory}"
+    for name, path in list(wheels.items()):
+        why = _python_excluded(path, target)
+        if why:
+            del wheels[name]
+            missing[name] = why
     return Wheelhouse(wheels, missing)
+
+
+def _python_excluded(wheel: Path, target: Target) -> str | None:
+    """Why ``wheel``'s Requires-Python rules out the target's Python, or None.
+
+    pip download targets only major.minor, so a wheel that needs a later micro
+    release (``>=3.11.5`` on a host's 3.11.2) would be fetched and then fail the
+    whole venv install on the host.
+    """
+    from email.parser import HeaderParser
+
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    if not target.python_version:
+        return None
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            name = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+            meta = HeaderParser().parsestr(z.read(name).decode("utf-8", "replace"))
+        spec = SpecifierSet(meta.get("Requires-Python") or "")
+    except (StopIteration, OSError, zipfile.BadZipFile, InvalidSpecifier):
+        return None
+    if spec.contains(target.python_version, prereleases=True):
+        return None
+    return f"requires Python {spec}; the host has {target.python_version}"
 
 
 def _fits(wheel: Path, target: Target) -> bool:

@@ -367,7 +367,7 @@ def _install_venv(conn: SSHConnection, spec: RuntimeSpec, probe: dict, timeout: 
     rd = probe["remote_dir"]
     venv = f"{rd}/runtimes/{spec.key}"
     target = wheels.Target(spec.python, probe.get("system") or "Linux",
-                           probe.get("machine") or "x86_64")
+                           probe.get("machine") or "x86_64", probe.get("version"))
     house = spec.wheelhouse(target, progress)
     with progress.phase(f"{conn}: uploading {len(house.wheels)} wheels") as ph:
         uploaded = upload_wheelhouse(conn, probe["python"], house, f"{rd}/wheels",

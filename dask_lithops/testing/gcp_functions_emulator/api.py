@@ -155,10 +155,7 @@ class StatusHandler(_Base):
     def get(self):
         from dataclasses import asdict
 
-        self.send_json({"endpoint_url": self.core.endpoint_url,
-                        "sandboxed": self.core.sandboxed,
-                        "host_address": self.core.host_address,
-                        "memory_limit": self.core.memory_limit_mode,
+        self.send_json({**self.core._status_fields(),
                         "functions": sorted(self.core._functions),
                         "instances": [asdict(i) for i in self.core._instance_infos()]})
 

@@ -164,9 +164,7 @@ class InstanceManager:
         if inst.state == "dead":  # stopped while starting
             self._cleanup(inst)
             return
-        loop.add_reader(h.stdout_fd, self._on_output, inst)
-        inst.pidfd = os.pidfd_open(h.pid)
-        loop.add_reader(inst.pidfd, self._on_exit, inst)
+        self._watch_process(inst, self._on_output, self._on_exit)
         deadline = time.monotonic() + self.startup_timeout
         while inst.state != "dead":
             if await _port_open(inst.address, inst.port):
@@ -209,16 +207,7 @@ class InstanceManager:
                 pass
 
     def _on_exit(self, inst: Instance) -> None:
-        h = inst.handle
-        self._loop.remove_reader(inst.pidfd)
-        os.close(inst.pidfd)
-        inst.pidfd = None
-        rc = h.proc.poll()
-        if rc is None:
-            try:
-                rc = h.proc.wait(timeout=1)
-            except Exception:
-                rc = -9
+        rc = self._exit_code(inst)
         self._on_output(inst)
         if inst.exit_reason is None:
             oom = self._oom_reason(inst, rc)
@@ -270,24 +259,9 @@ class InstanceManager:
     def _cleanup(self, inst: Instance) -> None:
         if inst.id not in self._instances:
             return
-        h = inst.handle
-        if inst.pidfd is not None:
-            self._loop.remove_reader(inst.pidfd)
-            os.close(inst.pidfd)
-            inst.pidfd = None
-        if h is not None:
-            try:
-                self._loop.remove_reader(h.stdout_fd)
-            except Exception:
-                pass
+        self._unwatch_process(inst)
         self._forget(inst)
-        if inst.log_file is not None:
-            inst.log_file.close()
-            inst.log_file = None
-        if h is not None:
-            f = self._executor.submit(self._sandboxes.teardown, h)
-            self._teardowns.add(f)
-            f.add_done_callback(self._teardowns.discard)
+        self._release_process(inst, self._sandboxes.teardown)
 
     def _forget(self, inst: Instance) -> None:
         inst.state = "dead"

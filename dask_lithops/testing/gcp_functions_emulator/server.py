@@ -8,19 +8,14 @@ to a thread pool.  Instances are managed by :class:`~.instances.InstanceManager`
 from __future__ import annotations
 
 import asyncio
-import atexit
 import collections
-import concurrent.futures
 import copy
 import hashlib
 import hmac
 import logging
 import os
 import secrets
-import shutil
 import socket
-import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -28,7 +23,8 @@ from pathlib import Path
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from ..sandbox import Sandboxes, filesystem_unavailable
+from ..emulator_base import EmulatorServer
+from ..sandbox import Sandboxes
 from .api import api_application
 from .auth import TokenAuthority, write_key_file
 from .build import BuildError, build_environment, extract_source
@@ -62,7 +58,7 @@ MAX_KEPT_REQUESTS = 20000
 SETTABLE = ("description", "buildConfig", "serviceConfig", "labels", "environment")
 
 
-class CloudFunctionsEmulator(InstanceManager):
+class CloudFunctionsEmulator(InstanceManager, EmulatorServer):
     """An offline Cloud Run functions (Cloud Functions v2 API + HTTP front end).
 
     Parameters
@@ -89,164 +85,57 @@ class CloudFunctionsEmulator(InstanceManager):
         as root; ``True`` requires it.
     """
 
+    display_name = "Cloud Run functions emulator"
+    unit_name = "instances"
+    thread_prefix = "gcf-emulator"
+    workdir_prefix = "dask-lithops-gcf-emulator-"
+    logger = logger
+
     def __init__(self, project: str = "test-project", region: str = "us-central1", *,
                  sandbox: bool | None = None, idle_timeout: float = 900.0,
                  host: str = "127.0.0.1", port: int = 0,
                  log_dir: str | os.PathLike | None = None,
                  build_cache: str | os.PathLike | None = None, prewarm: int = 2,
                  startup_timeout: float = 60.0, isolate_filesystem: bool | None = None):
+        tag = uuid.uuid4().hex[:8]
+        self._init_server(Sandboxes(tag, sandbox, prewarm, "Cloud Run functions emulator",
+                                    inbound_ports=(8080,)),
+                          tag, host, port, log_dir, idle_timeout, isolate_filesystem)
         self.project, self.region = project, region
-        self.idle_timeout = float(idle_timeout)
         self.startup_timeout = float(startup_timeout)
-        self.host, self.port_arg = host, int(port)
-        self.log_dir_arg, self.build_cache = log_dir, build_cache
-        self.isolate_filesystem = isolate_filesystem
-        self.filesystem_isolated = False
-        self.port = 0
-        self.started = False
-        self.sandboxed = False
-        self.sandbox_reason: str | None = None
-        self.workdir: Path | None = None
-        self.log_dir: Path | None = None
+        self.build_cache = build_cache
         self.credentials_file: Path | None = None
         self.auth = TokenAuthority(project)
         self.stats = collections.Counter()
-        self._tag = uuid.uuid4().hex[:8]
-        self._sandboxes = Sandboxes(self._tag, sandbox, prewarm, "Cloud Run functions emulator",
-                                    inbound_ports=(8080,))
         self._upload_key = secrets.token_bytes(32)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._servers: list[HTTPServer] = []
         self._functions: dict[str, Function] = {}
         self._operations: collections.OrderedDict[str, Operation] = collections.OrderedDict()
         self._uploads: dict[tuple[str, str], Upload] = {}
         self._requests: collections.deque[RequestRecord] = collections.deque(
             maxlen=MAX_KEPT_REQUESTS)
-        self._tasks: set[asyncio.Task] = set()
-        self._teardowns: set[concurrent.futures.Future] = set()
-        self._reaper = None
-        self._closing = False
-        self._stop_lock = threading.Lock()
         self._instances: dict[str, object] = {}
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self) -> CloudFunctionsEmulator:
-        if self.started:
-            return self
-        fs_reason = filesystem_unavailable() if self.isolate_filesystem is not False else None
-        if self.isolate_filesystem and fs_reason:
-            raise RuntimeError(f"the Cloud Run functions emulator cannot give instances a "
-                               f"filesystem of their own here: {fs_reason}")
-        self.filesystem_isolated = self.isolate_filesystem is not False and fs_reason is None
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"dask-lithops-gcf-emulator-{self._tag}-"))
-        os.chmod(self.workdir, 0o700)
-        if self.log_dir_arg is not None:
-            self.log_dir = Path(self.log_dir_arg)
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-        else:
-            self.log_dir = self.workdir / "logs"
-            self.log_dir.mkdir()
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=16, thread_name_prefix="gcf-emulator")
-        try:
-            self._sandboxes.open()
-            self.sandboxed = self._sandboxes.sandboxed
-            self.sandbox_reason = self._sandboxes.reason
-            ready = threading.Event()
-            failure: list[BaseException] = []
-            self._thread = threading.Thread(target=self._run_loop, args=(ready, failure),
-                                            name=f"gcf-emulator-{self._tag}", daemon=True)
-            self._thread.start()
-            ready.wait()
-            if failure:
-                raise failure[0]
-            self.auth.token_uri = f"{self.endpoint_url}/token"
-            self.credentials_file = self.workdir / "service-account.json"
-            write_key_file(self.credentials_file, self.auth.service_account_info(
-                self.auth.token_uri))
-            self._executor.submit(self._sandboxes.refill)
-        except BaseException:
-            self._cleanup_host_resources()
-            raise
-        self.started = True
-        atexit.register(self.stop)
-        logger.info("Cloud Run functions emulator at %s (sandboxed=%s)", self.endpoint_url,
-                    self.sandboxed)
-        return self
+    def _listen(self) -> None:
+        socks = bind_sockets(self.port_arg, self.host, family=socket.AF_INET)
+        server = HTTPServer(api_application(self), max_body_size=UPLOAD_LIMIT + 1024 * 1024)
+        server.add_sockets(socks)
+        self._servers.append(server)
+        self.port = socks[0].getsockname()[1]
 
-    def _run_loop(self, ready: threading.Event, failure: list) -> None:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        self._loop = loop
-        try:
-            socks = bind_sockets(self.port_arg, self.host, family=socket.AF_INET)
-            server = HTTPServer(api_application(self), max_body_size=UPLOAD_LIMIT + 1024 * 1024)
-            server.add_sockets(socks)
-            self._servers.append(server)
-            self.port = socks[0].getsockname()[1]
-        except BaseException as e:
-            failure.append(e)
-            ready.set()
-            loop.close()
-            return
-        from tornado.ioloop import PeriodicCallback
-
-        self._reaper = PeriodicCallback(self._reap, min(1000.0, self.idle_timeout * 250))
-        self._reaper.start()
-        ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.close()
-
-    @property
-    def endpoint_url(self) -> str:
-        """The base of the v2 REST API (``{endpoint_url}/v2/projects/...``)."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{host}:{self.port}"
-
-    @property
-    def host_address(self) -> str:
-        """This host as the instances' sandboxes reach it (a client's ``contact_address``)."""
-        return self._sandboxes.host_address
-
-    @property
-    def memory_limit_mode(self) -> str:
-        return self._sandboxes.memory_limit_mode
+    def _listening(self) -> None:
+        self.auth.token_uri = f"{self.endpoint_url}/token"
+        self.credentials_file = self.workdir / "service-account.json"
+        write_key_file(self.credentials_file, self.auth.service_account_info(
+            self.auth.token_uri))
 
     @property
     def parent(self) -> str:
         return f"projects/{self.project}/locations/{self.region}"
 
-    def stop(self) -> None:
-        """Stop every instance by PID; remove every namespace, cgroup and temp dir."""
-        with self._stop_lock:
-            if not self.started:
-                return
-            self.started = False
-            try:
-                atexit.unregister(self.stop)
-            except Exception:
-                pass
-            if self._loop is not None and self._loop.is_running():
-                fut = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
-                try:
-                    fut.result(timeout=60)
-                except Exception:
-                    logger.exception("Cloud Run functions emulator: error while shutting down")
-                self._loop.call_soon_threadsafe(self._loop.stop)
-                self._thread.join(timeout=10)
-            self._cleanup_host_resources()
-
     async def _shutdown(self) -> None:
-        self._closing = True
-        if self._reaper is not None:
-            self._reaper.stop()
-        for server in self._servers:
-            server.stop()
+        self._stop_serving()
         for fn in self._functions.values():
             if fn.server is not None:
                 fn.server.stop()
@@ -256,43 +145,9 @@ class CloudFunctionsEmulator(InstanceManager):
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         for inst in list(self._instances.values()):
             self.stop_instance(inst, "the emulator stopped")
-        pending = [asyncio.wrap_future(f) for f in list(self._teardowns)]
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-
-    def _cleanup_host_resources(self) -> None:
-        for f in list(self._teardowns):
-            try:
-                f.result(timeout=30)
-            except Exception:
-                pass
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-        self._sandboxes.close()
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> CloudFunctionsEmulator:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        await self._teardowns_done()
 
     # --------------------------------------------------- thread-safe views
-
-    def _call(self, fn, *args):
-        if self._loop is None or not self._loop.is_running():
-            return fn(*args)
-        fut = concurrent.futures.Future()
-
-        def run():
-            try:
-                fut.set_result(fn(*args))
-            except BaseException as e:
-                fut.set_exception(e)
-
-        self._loop.call_soon_threadsafe(run)
-        return fut.result(timeout=30)
 
     @property
     def instances(self) -> list[InstanceInfo]:
@@ -319,14 +174,8 @@ class CloudFunctionsEmulator(InstanceManager):
 
     def resources(self) -> dict:
         """What this emulator made on the host (for leak checks)."""
-        def get():
-            return {"pids": [i.handle.pid for i in self._instances.values() if i.handle],
-                    "namespaces": self._sandboxes.names(),
-                    "bridge": self._sandboxes.bridge.name if self._sandboxes.bridge else None,
-                    "cgroup": (str(self._sandboxes.cgroups.parent) if self._sandboxes.cgroups
-                               else None),
-                    "workdir": str(self.workdir) if self.workdir else None}
-        return self._call(get)
+        return self._call(lambda: self._host_resources(
+            [i.handle.pid for i in self._instances.values() if i.handle]))
 
     def record(self, r: RequestRecord) -> None:
         self._requests.append(r)
@@ -574,8 +423,7 @@ class CloudFunctionsEmulator(InstanceManager):
         fn.port = socks[0].getsockname()[1]
         fn.server = HTTPServer(function_application(self, fn), max_body_size=32 * 1024 * 1024)
         fn.server.add_sockets(socks)
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        fn.uri = f"http://{host}:{fn.port}"
+        fn.uri = self.local_url(fn.port)
 
     def delete_function(self, fn: Function) -> Operation:
         if fn.busy_operation is not None and self._operations[fn.busy_operation].verb == "delete":

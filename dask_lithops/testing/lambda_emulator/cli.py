@@ -67,22 +67,10 @@ def _serve_gcp(stop, host, port, sandbox, idle_timeout, log_dir, region, project
 
     emu = CloudFunctionsEmulator(project, region, sandbox=sandbox, idle_timeout=idle_timeout,
                                  host=host, port=port, log_dir=log_dir)
-    try:
-        emu.start()
-        click.echo(f"Cloud Run functions emulator listening at {emu.endpoint_url}")
-        click.echo(f"  project / region: {project} / {region}")
-        click.echo(f"  sandboxed: {emu.sandboxed}"
-                   + ("" if emu.sandboxed else f" ({emu.sandbox_reason})"))
-        click.echo(f"  memory limit: {emu.memory_limit_mode}")
-        click.echo(f"  instance logs: {emu.log_dir}")
-        click.echo(f"  export GOOGLE_APPLICATION_CREDENTIALS={emu.credentials_file}")
-        click.echo(f"  API base: {emu.endpoint_url}/v2/projects/{project}/locations/{region}")
-        click.echo("Press Ctrl+C to stop.", err=True)
-        while not stop.wait(0.5):
-            pass
-    finally:
-        emu.stop()
-        click.echo("Cloud Run functions emulator stopped.", err=True)
+    _serve(stop, emu, [f"project / region: {project} / {region}"], lambda: [
+        f"instance logs: {emu.log_dir}",
+        f"export GOOGLE_APPLICATION_CREDENTIALS={emu.credentials_file}",
+        f"API base: {emu.endpoint_url}/v2/projects/{project}/locations/{region}"])
 
 
 def _serve_aws(stop, host, port, sandbox, account_concurrency, idle_timeout, log_dir, region,
@@ -93,26 +81,39 @@ def _serve_aws(stop, host, port, sandbox, account_concurrency, idle_timeout, log
                          log_dir=log_dir, idle_timeout=idle_timeout, host=host, port=port,
                          region=region, host_reachable=host_reachable,
                          aws_endpoint_url=aws_endpoint_url)
+
+    def details():
+        lines = [f"host address seen from functions: {emu.host_address}"
+                 + ("" if emu.host_reachable else " (unreachable: --no-host-reachable)"),
+                 f"own filesystem (/var/task, /opt, private /tmp): {emu.filesystem_isolated}"]
+        if emu.aws_endpoint_url:
+            lines.append(f"AWS endpoint seen from functions: {emu.sandbox_aws_endpoint_url} "
+                         f"(role credentials from its STS)")
+        return lines + [f"log streams: {emu.log_dir}",
+                        f"export AWS_ENDPOINT_URL_LAMBDA={emu.endpoint_url}"]
+
+    _serve(stop, emu, [], details)
+
+
+def _serve(stop, emu, before: list[str], after) -> None:
+    """Start ``emu``, describe it (``before``, its sandbox, ``after()``), serve until ``stop``
+    is set, then stop it (also when starting fails)."""
     try:
         emu.start()
-        click.echo(f"Lambda emulator listening at {emu.endpoint_url}")
-        click.echo(f"  sandboxed: {emu.sandboxed}"
-                   + ("" if emu.sandboxed else f" ({emu.sandbox_reason})"))
-        click.echo(f"  memory limit: {emu.memory_limit_mode}")
-        click.echo(f"  host address seen from functions: {emu.host_address}"
-                   + ("" if emu.host_reachable else " (unreachable: --no-host-reachable)"))
-        click.echo(f"  own filesystem (/var/task, /opt, private /tmp): {emu.filesystem_isolated}")
-        if emu.aws_endpoint_url:
-            click.echo(f"  AWS endpoint seen from functions: {emu.sandbox_aws_endpoint_url} "
-                       f"(role credentials from its STS)")
-        click.echo(f"  log streams: {emu.log_dir}")
-        click.echo(f"  export AWS_ENDPOINT_URL_LAMBDA={emu.endpoint_url}")
+        click.echo(f"{emu.display_name} listening at {emu.endpoint_url}")
+        lines = [*before,
+                 f"sandboxed: {emu.sandboxed}"
+                 + ("" if emu.sandboxed else f" ({emu.sandbox_reason})"),
+                 f"memory limit: {emu.memory_limit_mode}",
+                 *after()]
+        for line in lines:
+            click.echo(f"  {line}")
         click.echo("Press Ctrl+C to stop.", err=True)
         while not stop.wait(0.5):
             pass
     finally:
         emu.stop()
-        click.echo("Lambda emulator stopped.", err=True)
+        click.echo(f"{emu.display_name} stopped.", err=True)
 
 
 @emulator.command()

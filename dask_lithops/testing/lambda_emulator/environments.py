@@ -152,9 +152,7 @@ class EnvironmentManager:
         if env.state == "dead":  # retired while starting (stop, timeout, delete)
             self._exit_cleanup(env)
             return
-        loop.add_reader(h.stdout_fd, self._on_output, env)
-        env.pidfd = os.pidfd_open(h.pid)
-        loop.add_reader(env.pidfd, self._on_exit, env)
+        self._watch_process(env, self._on_output, self._on_exit)
 
     def _on_output(self, env: Environment) -> None:
         h = env.handle
@@ -216,15 +214,7 @@ class EnvironmentManager:
 
     def _on_exit(self, env: Environment) -> None:
         h = env.handle
-        self._loop.remove_reader(env.pidfd)
-        os.close(env.pidfd)
-        env.pidfd = None
-        rc = h.proc.poll()
-        if rc is None:
-            try:
-                rc = h.proc.wait(timeout=1)
-            except Exception:
-                rc = -9
+        rc = self._exit_code(env)
         self._drain(env)
         env.exited = True
         inv = env.inv
@@ -284,25 +274,9 @@ class EnvironmentManager:
     def _exit_cleanup(self, env: Environment) -> None:
         if env.id not in self._envs:
             return
-        h = env.handle
-        if env.pidfd is not None:
-            self._loop.remove_reader(env.pidfd)
-            os.close(env.pidfd)
-            env.pidfd = None
-        if h is not None:
-            try:
-                self._loop.remove_reader(h.stdout_fd)
-            except Exception:
-                pass
-        self._unbind(env)
+        self._unwatch_process(env)
         self._forget(env)
-        if env.log_file is not None:
-            env.log_file.close()
-            env.log_file = None
-        if h is not None:
-            f = self._executor.submit(self._teardown_blocking, h, env.port)
-            self._teardowns.add(f)
-            f.add_done_callback(self._teardowns.discard)
+        self._release_process(env, self._teardown_blocking, env.port)
 
     def _forget(self, env: Environment) -> None:
         self._unbind(env)

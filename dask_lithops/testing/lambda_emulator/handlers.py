@@ -285,10 +285,7 @@ class LayerDownloadHandler(_Control):
 class EmulatorStatusHandler(_Control):
     def get(self):
         from dataclasses import asdict
-        self.send_json({"endpoint_url": self.core.endpoint_url,
-                        "host_address": self.core.host_address,
-                        "sandboxed": self.core.sandboxed,
-                        "memory_limit": self.core.memory_limit_mode,
+        self.send_json({**self.core._status_fields(),
                         "stats": dict(self.core.stats),
                         "environments": [asdict(e) for e in self.core._environment_infos()]})
 

@@ -9,17 +9,12 @@ answered 202 at once; RequestResponse invocations wait for their result.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import collections
-import concurrent.futures
 import ipaddress
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
-import threading
 import time
 import urllib.parse
 import uuid
@@ -28,7 +23,8 @@ from pathlib import Path
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from ..sandbox import Sandboxes, TcpForwarder, filesystem_unavailable
+from ..emulator_base import EmulatorServer
+from ..sandbox import Sandboxes, TcpForwarder
 from .control import ControlAPI
 from .credentials import RoleCredentials
 from .dispatch import Dispatcher
@@ -50,7 +46,7 @@ logger = logging.getLogger("dask_lithops.lambda_emulator")
 __all__ = ["ACCOUNT_ID", "EnvironmentInfo", "InvocationRecord", "LambdaEmulator"]
 
 
-class LambdaEmulator(ControlAPI, Dispatcher, EnvironmentManager):
+class LambdaEmulator(ControlAPI, Dispatcher, EnvironmentManager, EmulatorServer):
     """An offline AWS Lambda: boto3's ``lambda`` client against ``endpoint_url`` works.
 
     Parameters
@@ -96,6 +92,12 @@ class LambdaEmulator(ControlAPI, Dispatcher, EnvironmentManager):
         (default): when running as root; ``True`` requires it.
     """
 
+    display_name = "Lambda emulator"
+    unit_name = "environments"
+    thread_prefix = "lambda-emulator"
+    workdir_prefix = "dask-lithops-emulator-"
+    logger = logger
+
     def __init__(self, sandbox: bool | None = None, account_concurrency: int = 100,
                  log_dir: str | os.PathLike | None = None, idle_timeout: float = 300.0,
                  host: str = "127.0.0.1", port: int = 0, region: str = "us-east-1",
@@ -103,119 +105,45 @@ class LambdaEmulator(ControlAPI, Dispatcher, EnvironmentManager):
                  runtime_cache: str | os.PathLike | None = None,
                  invoke_rate_limit: float | None = None, host_reachable: bool = True,
                  aws_endpoint_url: str | None = None, isolate_filesystem: bool | None = None):
+        tag = uuid.uuid4().hex[:8]
+        self._init_server(Sandboxes(tag, sandbox, prewarm, "Lambda emulator",
+                                    host_reachable=bool(host_reachable)),
+                          tag, host, port, log_dir, idle_timeout, isolate_filesystem)
         self.sandbox_requested = sandbox
         self.host_reachable = bool(host_reachable)
         self.aws_endpoint_url = aws_endpoint_url
         self.sandbox_aws_endpoint_url: str | None = None
-        self.isolate_filesystem = isolate_filesystem
-        self.filesystem_isolated = False
         self._role_credentials = RoleCredentials(aws_endpoint_url, region)
         self._forwarder = None
         self.invoke_rate_limit = invoke_rate_limit
         self._rate_tokens = 0.0
         self._rate_time = 0.0
         self.account_concurrency = int(account_concurrency)
-        self.log_dir_arg = log_dir
-        self.idle_timeout = float(idle_timeout)
-        self.host = host
-        self.port_arg = int(port)
         self.region = region
         self.prewarm = prewarm
         self.event_retry_delays = tuple(event_retry_delays)
         self.runtime_cache = runtime_cache
-        self.sandboxed = False
-        self.sandbox_reason: str | None = None
-        self.started = False
-        self.port = 0
-        self.host_address = "127.0.0.1"
-        self.workdir: Path | None = None
-        self.log_dir: Path | None = None
-        self._tag = uuid.uuid4().hex[:8]
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._sandboxes = Sandboxes(self._tag, sandbox, prewarm, "Lambda emulator",
-                                    host_reachable=self.host_reachable)
         self._python: Path | None = None
-        self._servers: list[HTTPServer] = []
         self._functions: dict[str, Function] = {}
         self._layers: dict[str, list[LayerVersion]] = {}
         self._envs: dict[str, Environment] = {}
         self._invocations: collections.OrderedDict[str, Invocation] = collections.OrderedDict()
         self._pump_scheduled = False
         self._unreserved_in_flight = 0
-        self._tasks: set[asyncio.Task] = set()
-        self._teardowns: set[concurrent.futures.Future] = set()
-        self._reaper = None
-        self._closing = False
-        self._stop_lock = threading.Lock()
         self.stats = collections.Counter()
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self) -> LambdaEmulator:
-        if self.started:
-            return self
-        fs_reason = filesystem_unavailable() if self.isolate_filesystem is not False else None
-        if self.isolate_filesystem and fs_reason:
-            raise RuntimeError(f"the Lambda emulator cannot give environments a filesystem of "
-                               f"their own here: {fs_reason}")
-        self.filesystem_isolated = self.isolate_filesystem is not False and fs_reason is None
+    def _prepare(self) -> None:
         self._python = ensure_runtime(self.runtime_cache)
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"dask-lithops-emulator-{self._tag}-"))
-        if self.log_dir_arg is not None:
-            self.log_dir = Path(self.log_dir_arg)
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-        else:
-            self.log_dir = self.workdir / "logs"
-            self.log_dir.mkdir()
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=16, thread_name_prefix="lambda-emulator")
-        try:
-            self._sandboxes.open()
-            self.sandboxed = self._sandboxes.sandboxed
-            self.sandbox_reason = self._sandboxes.reason
-            self.host_address = self._sandboxes.host_address
-            ready = threading.Event()
-            failure: list[BaseException] = []
-            self._thread = threading.Thread(target=self._run_loop, args=(ready, failure),
-                                            name=f"lambda-emulator-{self._tag}", daemon=True)
-            self._thread.start()
-            ready.wait()
-            if failure:
-                raise failure[0]
-            self._sandboxes.allow(self.host_address, self.port)  # Lambda's API is public
-            if self.aws_endpoint_url:
-                self._expose_aws_endpoint()
-            self._executor.submit(self._sandboxes.refill)
-        except BaseException:
-            self._cleanup_host_resources()
-            raise
-        self.started = True
-        atexit.register(self.stop)
-        logger.info("Lambda emulator at %s (sandboxed=%s, memory limit=%s)", self.endpoint_url,
-                    self.sandboxed, self.memory_limit_mode)
-        return self
 
-    def _run_loop(self, ready: threading.Event, failure: list) -> None:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        self._loop = loop
-        try:
-            self._listen()
-        except BaseException as e:
-            failure.append(e)
-            ready.set()
-            loop.close()
-            return
-        from tornado.ioloop import PeriodicCallback
-        self._reaper = PeriodicCallback(self._reap, min(1000.0, self.idle_timeout * 250))
-        self._reaper.start()
-        ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.close()
+    def _listening(self) -> None:
+        self._sandboxes.allow(self.host_address, self.port)  # Lambda's API is public
+        if self.aws_endpoint_url:
+            self._expose_aws_endpoint()
+
+    def _start_summary(self) -> str:
+        return f"sandboxed={self.sandboxed}, memory limit={self.memory_limit_mode}"
 
     def _listen(self) -> None:
         app = control_application(self)
@@ -256,60 +184,14 @@ class LambdaEmulator(ControlAPI, Dispatcher, EnvironmentManager):
         self.sandbox_aws_endpoint_url = f"{u.scheme}://{address}:{port}"
 
     @property
-    def endpoint_url(self) -> str:
-        """The control API for boto3 on this host."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{host}:{self.port}"
-
-    @property
     def sandbox_endpoint_url(self) -> str:
         """The control API as functions see it (``AWS_ENDPOINT_URL_LAMBDA`` inside)."""
         return f"http://{self.host_address}:{self.port}"
 
-    @property
-    def memory_limit_mode(self) -> str:
-        return self._sandboxes.memory_limit_mode
-
-    def stop(self) -> None:
-        """Kill every environment by PID; remove every namespace, cgroup and temp dir."""
-        with self._stop_lock:
-            if not self.started:
-                return
-            self.started = False
-            try:
-                atexit.unregister(self.stop)
-            except Exception:
-                pass
-            if self._loop is not None and self._loop.is_running():
-                fut = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
-                try:
-                    fut.result(timeout=60)
-                except Exception:
-                    logger.exception("Lambda emulator: error while shutting down")
-                self._loop.call_soon_threadsafe(self._loop.stop)
-                self._thread.join(timeout=10)
-            self._cleanup_host_resources()
-
-    def _cleanup_host_resources(self) -> None:
-        for f in list(self._teardowns):
-            try:
-                f.result(timeout=30)
-            except Exception:
-                pass
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-        self._sandboxes.close()
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
     async def _shutdown(self) -> None:
-        self._closing = True
+        self._stop_serving()
         if self._forwarder is not None:
             self._forwarder.close()
-        if self._reaper is not None:
-            self._reaper.stop()
-        for server in self._servers:
-            server.stop()
         for fn in self._functions.values():
             while fn.queue:
                 inv = fn.queue.popleft()
@@ -324,31 +206,9 @@ class LambdaEmulator(ControlAPI, Dispatcher, EnvironmentManager):
                     "errorMessage": "the Lambda emulator stopped"}).encode(), "Unhandled",
                     "failed")
             self._retire(env, teardown_now=True)
-        pending = [asyncio.wrap_future(f) for f in list(self._teardowns)]
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-
-    def __enter__(self) -> LambdaEmulator:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        await self._teardowns_done()
 
     # --------------------------------------------------- thread-safe views
-
-    def _call(self, fn, *args):
-        if self._loop is None or not self._loop.is_running():
-            return fn(*args)
-        fut = concurrent.futures.Future()
-
-        def run():
-            try:
-                fut.set_result(fn(*args))
-            except BaseException as e:
-                fut.set_exception(e)
-
-        self._loop.call_soon_threadsafe(run)
-        return fut.result(timeout=30)
 
     @property
     def environments(self) -> list[EnvironmentInfo]:
@@ -404,15 +264,10 @@ class LambdaEmulator(ControlAPI, Dispatcher, EnvironmentManager):
     def resources(self) -> dict:
         """What this emulator made on the host (for leak checks)."""
         def get():
-            pids = [e.handle.pid for e in self._envs.values() if e.handle]
-            return {"pids": pids,
-                    "namespaces": self._sandboxes.names(),
-                    "bridge": self._sandboxes.bridge.name if self._sandboxes.bridge else None,
-                    "cgroup": (str(self._sandboxes.cgroups.parent) if self._sandboxes.cgroups
-                               else None),
+            return {**self._host_resources([e.handle.pid for e in self._envs.values()
+                                            if e.handle]),
                     "firewall": (self._sandboxes.firewall.table if self._sandboxes.firewall
-                                 else None),
-                    "workdir": str(self.workdir) if self.workdir else None}
+                                 else None)}
         return self._call(get)
 
     def client(self, **config):
