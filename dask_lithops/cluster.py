@@ -33,6 +33,7 @@ from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface, SpecCluster
 from distributed.scheduler import Scheduler
 from distributed.security import Security
+from distributed.utils import import_term
 
 from dask_lithops import config, progress
 from dask_lithops.failures import (
@@ -434,14 +435,44 @@ class LithopsCluster(SpecCluster):
     async def _correct_state_internal(self) -> None:
         # SpecCluster retires with `workers=<names>`, but the scheduler's `workers=`
         # takes addresses, so nothing was retired gracefully (data on removed workers
-        # was lost): retire by name first; SpecCluster then closes and opens launchers.
-        to_close = set(self.workers) - set(self.worker_spec)
-        if to_close and self.scheduler.status == Status.running and \
-                self.status == Status.running:
-            names = self._scheduler_names(to_close)
-            if names:
-                await self.scheduler_comm.retire_workers(names=names)
-        await super()._correct_state_internal()
+        # was lost): retire by name.  The retirement, the close and `to_close` itself
+        # belong to one hold of the lock: a scale-down arriving while an earlier one
+        # retires would otherwise have its workers closed unretired (keys recomputed).
+        async with self._lock:
+            self._correct_state_waiting = None
+            to_close = set(self.workers) - set(self.worker_spec)
+            if to_close:
+                if self.scheduler.status == Status.running and self.status == Status.running:
+                    names = self._scheduler_names(to_close)
+                    if names:
+                        await self.scheduler_comm.retire_workers(names=names)
+                await asyncio.gather(*(self.workers[w].close() for w in to_close
+                                       if w in self.workers))
+            for name in to_close:
+                self.workers.pop(name, None)
+            await self._open_launchers()
+
+    async def _open_launchers(self) -> None:
+        """Start a launcher for each spec entry without one (SpecCluster's own code)."""
+        to_open = set(self.worker_spec) - set(self.workers)
+        workers = []
+        for name in to_open:
+            d = self.worker_spec[name]
+            cls, opts = d["cls"], dict(d.get("options", {}))
+            opts.setdefault("name", name)
+            if isinstance(cls, str):
+                cls = import_term(cls)
+            worker = cls(getattr(self.scheduler, "contact_address", None)
+                         or self.scheduler.address, **opts)
+            self._created.add(worker)
+            workers.append(worker)
+        if workers:
+            futures = [asyncio.ensure_future(w) for w in workers]
+            await asyncio.wait(futures)
+            self.workers.update(dict(zip(to_open, workers)))
+            for w in workers:
+                w._cluster = weakref.ref(self)
+            await asyncio.gather(*futures)  # raise a failed start after all have settled
 
     def _scheduler_names(self, spec_names) -> list[str]:
         """Worker names (as the scheduler knows them) of the given spec entries."""
