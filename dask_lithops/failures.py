@@ -19,7 +19,6 @@ import logging
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
@@ -266,7 +265,6 @@ class FailureMonitor(SchedulerPlugin):
         self.max_reports = max_reports
         self.events: dict[str, list[dict]] = {}  # worker name -> its reports, oldest first
         self.seq = 0
-        self.names: dict[str, str] = {}  # worker address -> name
         self.completed = 0  # tasks that reached memory: the cluster's measure of progress
         self.given_up: str | None = None  # message waiting tasks fail with
         self.scheduler = None
@@ -276,19 +274,11 @@ class FailureMonitor(SchedulerPlugin):
         scheduler.handlers[EXIT_REPORT_OP] = self.on_report
         scheduler.handlers[REPORTS_OP] = self.get_reports
         scheduler.handlers[FAIL_WAITING_OP] = self.fail_waiting
-        for addr, ws in scheduler.workers.items():
-            self.names[addr] = str(ws.name)
 
     # ---- hooks
 
     def add_worker(self, scheduler, worker: str) -> None:
-        ws = scheduler.workers.get(worker)
-        if ws is not None:
-            self.names[worker] = str(ws.name)
         self.given_up = None  # a worker is back: let computations wait for it again
-
-    def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
-        self.names.pop(worker, None)
 
     def transition(self, key, start: str, finish: str, *args, **kwargs) -> None:
         if finish == "memory":
@@ -296,16 +286,6 @@ class FailureMonitor(SchedulerPlugin):
         elif finish == "no-worker" and self.given_up is not None:
             # cannot transition from inside a transition: right after it
             self.scheduler.loop.add_callback(self._fail, [key], self.given_up)
-
-    def log_event(self, topic: str, msg: Any) -> None:
-        # the nanny's memory monitor terminated its worker (it restarts it)
-        if topic == "worker-restart-memory" and isinstance(msg, dict):
-            addr = msg.get("worker")
-            ws = self.scheduler.workers.get(addr) if self.scheduler else None
-            name = self.names.get(addr) or (str(ws.name) if ws is not None else addr)
-            self._store({"name": name, "kind": "out-of-memory", "rss": msg.get("rss"),
-                         "limit": ws.memory_limit if ws is not None else None,
-                         "restarted": True})
 
     # ---- RPC handlers
 

@@ -177,11 +177,25 @@ def _nanny_class():
     from distributed.core import Status
 
     class ReportingNanny(Nanny):
+        _memory_kill: dict | None = None
+
+        def log_event(self, topic, msg):
+            # the memory monitor logs this, then terminates the worker: the exit that
+            # follows is that kill (one report, so no race with a separate event)
+            if topic == "worker-restart-memory" and isinstance(msg, dict):
+                self._memory_kill = msg
+            return super().log_event(topic, msg)
+
         async def _on_worker_exit(self, exitcode):
+            memory_kill, self._memory_kill = self._memory_kill, None
             if self.status not in (Status.init, Status.closing, Status.closed,
                                    Status.closing_gracefully, Status.failed) and exitcode:
-                report = ({"kind": "signal", "signal": -exitcode} if exitcode < 0 else
-                          {"kind": "exit", "exitcode": exitcode})
+                if memory_kill is not None and exitcode < 0:
+                    report = {"kind": "out-of-memory", "rss": memory_kill.get("rss"),
+                              "limit": self.memory_manager.memory_limit, "signal": -exitcode}
+                else:
+                    report = ({"kind": "signal", "signal": -exitcode} if exitcode < 0 else
+                              {"kind": "exit", "exitcode": exitcode})
                 report.update(name=str(self.name), restarted=True)
                 self._ongoing_background_tasks.call_soon(
                     post_report, self.scheduler_addr, self.security, report)
