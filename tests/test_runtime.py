@@ -197,3 +197,23 @@ def test_a_wheel_whose_requires_python_excludes_the_hosts_python_is_left_out_by_
     assert host.is_client == ((c.python, c.system, c.machine) == ("3.11", "Linux", "x86_64"))
     newer = wheels.fetch(entries, wheels.Target("3.11", "Linux", "x86_64", "3.11.7"), local)
     assert set(newer.wheels) == {"dl-new-micro", "dl-any"} and not newer.missing
+
+
+def test_the_main_script_and_its_multiprocessing_alias_are_not_shipped_as_local_code(
+        tmp_path, monkeypatch):
+    """A worker has a __main__/__mp_main__ of its own (awslambdaric's, the nanny's): shipping
+    the client's would make every worker fail to reload it."""
+    import sys
+    import types
+
+    from dask_lithops.runtime import local_code
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "script.py").write_text("x = 1\n")
+    (tmp_path / "helper_mod_dl.py").write_text("y = 2\n")
+    for name, file in (("__mp_main__", "script.py"), ("helper_mod_dl", "helper_mod_dl.py")):
+        module = types.ModuleType(name)
+        module.__file__ = str(tmp_path / file)
+        monkeypatch.setitem(sys.modules, name, module)
+    found = local_code.local_modules()
+    assert "helper_mod_dl" in found and "__mp_main__" not in found

@@ -67,7 +67,8 @@ def local_modules() -> dict[str, Path]:
     out: dict[str, Path] = {}
     for name, module in list(sys.modules.items()):
         top = name.partition(".")[0]
-        if top in out or top == "__main__" or module is None:
+        # the main script (and multiprocessing's alias of it) is the workers' own main there
+        if top in out or top in ("__main__", "__mp_main__") or module is None:
             continue
         f = getattr(module, "__file__", None)
         if not f or not f.endswith(_SUFFIXES):
