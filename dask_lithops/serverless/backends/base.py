@@ -92,6 +92,8 @@ class FaaSBackend:
     """
 
     name: ClassVar[str] = ""
+    account_section: ClassVar[str | None] = None  # Lithops' cloud-account section, if any
+    account_keys: ClassVar[tuple[str, ...]] = ()  # the keys read from it
     config_sections: ClassVar[tuple[str, ...]] = ()
     worker_name_prefix: ClassVar[str] = "function"
     max_event_payload: ClassVar[int] = 256 * 1024
@@ -126,8 +128,19 @@ class FaaSBackend:
 
     @classmethod
     def resolve_config(cls, **overrides) -> dict:
-        """The backend's config sections merged with keyword ``overrides``, validated."""
-        return _config.section(cls.name, **overrides)
+        """The backend's config sections merged with keyword ``overrides``, validated.
+
+        A backend with an account section (Lithops' ``aws``, ``gcp``) gets its
+        ``account_keys`` from there, and its region where its own section sets none."""
+        if cls.account_section is None:
+            return _config.section(cls.name, **overrides)
+        account = _config.section(cls.account_section, **{
+            k: overrides.pop(k) for k in cls.account_keys if k in overrides})
+        cfg = _config.section(cls.name, **overrides)
+        cfg["region"] = cfg.get("region") or account.get("region")
+        for k in cls.account_keys:
+            cfg[k] = account.get(k)
+        return cfg
 
     @classmethod
     def key(cls, option: str) -> str:

@@ -49,6 +49,8 @@ def resolve_config(**overrides) -> dict:
 
 class AWSLambdaBackend(FaaSBackend):
     name = "aws_lambda"
+    account_section = "aws"
+    account_keys = _CREDENTIALS
     config_sections = ("aws_lambda", "aws")
     worker_name_prefix = "lambda"
     max_event_payload = 1024 * 1024  # Event invocations (raised from 256 KB in 2025)
@@ -76,16 +78,6 @@ class AWSLambdaBackend(FaaSBackend):
         self._lock = threading.RLock()  # event_invoker makes the client under it
 
     # ------------------------------------------------------------------ config
-
-    @classmethod
-    def resolve_config(cls, **overrides) -> dict:
-        aws = _config.section("aws", **{k: overrides.pop(k) for k in _CREDENTIALS
-                                        if k in overrides})
-        cfg = _config.section("aws_lambda", **overrides)
-        cfg["region"] = cfg.get("region") or aws.get("region")
-        for k in _CREDENTIALS:
-            cfg[k] = aws.get(k)
-        return cfg
 
     @property
     def vcpus(self) -> float:

@@ -87,6 +87,8 @@ def _label(value: str) -> str:
 
 class GCPFunctionsBackend(FaaSBackend):
     name = "gcp_functions"
+    account_section = "gcp"
+    account_keys = _GCP_KEYS
     config_sections = ("gcp_functions", "gcp")
     worker_name_prefix = "gcf"
     max_event_payload = 32 * 1024 * 1024  # Cloud Run's HTTP/1 request size limit
@@ -116,16 +118,6 @@ class GCPFunctionsBackend(FaaSBackend):
         self._held: set[HeldRequest] = set()
 
     # ------------------------------------------------------------------ config
-
-    @classmethod
-    def resolve_config(cls, **overrides) -> dict:
-        gcp = _config.section("gcp", **{k: overrides.pop(k) for k in _GCP_KEYS
-                                        if k in overrides})
-        cfg = _config.section("gcp_functions", **overrides)
-        cfg["region"] = cfg.get("region") or gcp.get("region")
-        for k in _GCP_KEYS:
-            cfg[k] = gcp.get(k)
-        return cfg
 
     @classmethod
     def key(cls, option: str) -> str:
