@@ -273,7 +273,8 @@ def test_a_worker_whose_scheduler_is_gone_ends_at_once(emulator, runtime_package
     from dask_lithops.failures import PLANNED
     from dask_lithops.worker import REFUSED_GRACE
 
-    cluster = make_cluster(emulator)  # death_timeout: the default 60 s
+    # a function of its own; death_timeout: the default 60 s
+    cluster = make_cluster(emulator, runtime_memory=640)
     fn = cluster.function_name
     lam = emulator.client()
 
