@@ -471,3 +471,53 @@ def test_no_instance_available_is_retried_then_reported(emulator, caplog):
     assert len(refused) >= 6  # the first try and two retries, twice
     assert wait_no_busy(emulator, fn) == []
     assert not cluster.backend._held
+
+
+def test_no_instance_at_all_fails_the_waiting_computation_then_recovers(emulator, caplog):
+    """Another cluster holds the function's only instance: no worker of this one can start.
+    After worker_start_timeout the waiting computation fails with the limit and the fix
+    (never an endless wait); once the instance is free the refused worker starts and the
+    cluster computes again."""
+    import logging
+    import time
+
+    from distributed import Client
+
+    from dask_lithops.failures import WorkerFailureError
+    from dask_lithops.serverless.cluster import THROTTLED_RETRY
+
+    memory = 1088
+    with make_cluster(emulator, runtime_memory=memory, max_workers=1):
+        pass  # deploys the function with maxInstanceCount 1
+    # this cluster starts first: its start checks (the runtime's versions, reachability)
+    # run on the function while the instance is free
+    cluster = make_cluster(emulator, runtime_memory=memory, invoke_retries=1,
+                           worker_start_timeout=15)
+    holder = None
+    try:
+        with caplog.at_level(logging.WARNING, logger="dask_lithops"), cluster, \
+                Client(cluster) as client:
+            holder = make_cluster(emulator, runtime_memory=memory, n_workers=1)
+            with Client(holder) as holder_client:
+                holder_client.wait_for_workers(1, timeout=90)
+            cluster.scale(1)
+            start = time.monotonic()
+            with pytest.raises(WorkerFailureError) as info:
+                client.submit(lambda x: x + 1, 1).result(timeout=120)
+            elapsed = time.monotonic() - start
+            # the timeout, then the next refusal (every THROTTLED_RETRY s)
+            assert 15 <= elapsed < 15 + THROTTLED_RETRY + 15, elapsed
+            message = str(info.value)
+            assert "no worker could start within worker_start_timeout (15s)" in message
+            assert "maxInstanceCount 1 reached" in message and "max instances" in message
+            assert cluster.worker_failures == []
+            holder.close()  # the instance is free: the refused worker starts
+            client.wait_for_workers(1, timeout=THROTTLED_RETRY + 60)
+            assert client.submit(lambda x: x * 2, 21).result(timeout=30) == 42
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR
+                  and r.name.startswith("dask_lithops")]
+        assert len(errors) == 1 and "no worker could start" in errors[0], errors
+    finally:
+        if holder is not None:
+            holder.close()
+    assert wait_no_busy(emulator, cluster.function_name) == []

@@ -331,6 +331,8 @@ class ServerlessCluster(LithopsCluster):
         self.throttle_warnings = 0
         self.throttled = 0  # worker invocations the platform refused for want of capacity
         self._throttle_retries: set[asyncio.Task] = set()
+        self._throttled_alone_since: float | None = None  # throttled, no worker registered
+        self._throttle_failed = False  # the waiting computations failed for it
         self._unreachable_warned = False
         kwargs.setdefault("lifetime", None)
         super().__init__(
@@ -630,11 +632,24 @@ class ServerlessCluster(LithopsCluster):
         Lithops retries a throttled call.  Dropping the entry instead would shrink the
         cluster for good at every refusal, e.g. at each rotation of a cluster that runs
         at its function's limit.  One warning says so; the computations go on with the
-        workers that started."""
+        workers that started.  Only when no worker at all could start within
+        worker_start_timeout do the computations waiting for workers fail (with the
+        limit and the fix; until a worker joins): never an endless wait."""
         if self.status != Status.running or name not in self.worker_spec or \
                 name in self._addresses:
             return
         self.throttled += 1
+        now = time.monotonic()
+        if self._addresses:
+            self._throttled_alone_since = None
+        elif self._throttled_alone_since is None:
+            self._throttled_alone_since = now
+        elif now - self._throttled_alone_since >= self.worker_start_timeout and \
+                not self._throttle_failed:
+            self._throttle_failed = True
+            task = asyncio.ensure_future(self._fail_waiting_throttled(report))
+            self._throttle_retries.add(task)
+            task.add_done_callback(self._throttle_retries.discard)
         if self.throttled == 1:
             logger.warning(
                 "worker %s: %s. The cluster computes with the workers that started and "
@@ -648,6 +663,22 @@ class ServerlessCluster(LithopsCluster):
         task = asyncio.ensure_future(self._retry_throttled(name))
         self._throttle_retries.add(task)
         task.add_done_callback(self._throttle_retries.discard)
+
+    async def _fail_waiting_throttled(self, report: dict) -> None:
+        message = (
+            f"no worker could start within worker_start_timeout "
+            f"({self.worker_start_timeout:.0f}s): {self.backend.name} refused every "
+            f"invocation for want of capacity "
+            f"({str(report.get('error') or 'throttled').rstrip('.')}). Fix: raise the "
+            f"function's max instances or the account's concurrency limit, or run fewer "
+            f"workers elsewhere on it ({self.backend.key('max_workers')}); the cluster "
+            f"keeps invoking its workers every {THROTTLED_RETRY:.0f}s")
+        logger.error("%s: computations waiting for workers fail until one starts", message)
+        try:
+            await asyncio.wait_for(getattr(self.scheduler_comm, FAIL_WAITING_OP)(
+                message=message), 10)
+        except Exception as e:
+            logger.warning("could not fail the computations waiting for workers: %s", e)
 
     async def _retry_throttled(self, name: str) -> None:
         await asyncio.sleep(THROTTLED_RETRY)
@@ -677,6 +708,7 @@ class ServerlessCluster(LithopsCluster):
 
     def _on_worker_added(self, name: str, address: str) -> None:
         self._addresses[name] = address
+        self._throttled_alone_since, self._throttle_failed = None, False
         invocation = self._invocations.get(name)
         if invocation is not None:
             invocation.joined = True
