@@ -247,7 +247,8 @@ def test_task_longer_than_the_function_lifetime_fails_with_the_scheduler_on_a_ho
         time.sleep(seconds)
         return value
 
-    cluster = ssh_scheduler_cluster(emulator, ssh_host, runtime_timeout=20)
+    # the rotation test's function (1152 MB, 20 s); 1024 MB is deployed with 600 s here
+    cluster = ssh_scheduler_cluster(emulator, ssh_host, runtime_memory=1152, runtime_timeout=20)
     fn = cluster.function_name
     with cluster, Client(cluster) as client:
         cluster.scale(1)
