@@ -31,7 +31,6 @@ import dask.config
 from dask.utils import parse_timedelta
 from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface, SpecCluster
-from distributed.scheduler import Scheduler
 from distributed.security import Security
 from distributed.utils import import_term
 
@@ -47,6 +46,7 @@ from dask_lithops.failures import (
     describe,
 )
 from dask_lithops.payload import LaunchPayload, security_to_dict
+from dask_lithops.scheduler import LithopsScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ class LithopsCluster(SpecCluster):
         scheduler_options = dict(scheduler_options or {})
         scheduler_host = opts["scheduler_host"] or self.default_scheduler_host
         scheduler_spec = {
-            "cls": Scheduler,
+            "cls": LithopsScheduler,
             "options": {
                 "host": scheduler_host,
                 "port": opts["scheduler_port"],
@@ -349,7 +349,8 @@ class LithopsCluster(SpecCluster):
 
         # over RPC, not scheduler.add_plugin: the scheduler may run elsewhere
         await self.scheduler_comm.register_scheduler_plugin(
-            plugin=dumps(FailureMonitor()), name=PLUGIN_NAME, idempotent=True)
+            plugin=dumps(FailureMonitor(mode=self.mode, limits=self.failure_limits())),
+            name=PLUGIN_NAME, idempotent=True)
         # a scheduler on another host may run the relay beside it (RemoteScheduler(relay=...))
         remote_relay = getattr(self.scheduler, "relay_address", None)
         if self.relay_enabled and remote_relay:

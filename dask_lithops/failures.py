@@ -11,16 +11,22 @@ Three parts, used by every mode:
   finished tasks (progress) and, when the cluster gives up, fails the computations
   waiting for workers with :class:`WorkerFailureError` instead of leaving them queued.
 * :class:`WorkerFailureError`: what the client's ``compute()``/``result()`` raises then.
+* :class:`TaskKilledWorkersError`: dask's ``KilledWorker`` (a task on which
+  ``distributed.scheduler.allowed-failures`` workers died) with the reason they died;
+  :class:`LithopsScheduler` raises it instead of the bare one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 from dataclasses import asdict, dataclass, field
 
 from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.protocol.pickle import dumps
+from distributed.scheduler import KilledWorker
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +34,8 @@ PLUGIN_NAME = "dask-lithops-failures"
 EXIT_REPORT_OP = "dask_lithops_worker_exit"  # a worker, nanny or launcher posts why it ended
 REPORTS_OP = "dask_lithops_worker_reports"  # the cluster reads them (and the progress count)
 FAIL_WAITING_OP = "dask_lithops_fail_waiting"  # the cluster gives up: fail what waits for workers
+
+REASON_WAIT = 2.0  # s a task's KilledWorker waits for the report of why its last worker died
 
 # Report kinds that are not failures: the worker ended as planned.
 PLANNED = frozenset({"lifetime", "stopped", "retired", "scheduler-lost", "expired",
@@ -41,6 +49,31 @@ _RANK = {"missing-module": 3, "missing-library": 3, "deserialization": 3, "out-o
 
 class WorkerFailureError(RuntimeError):
     """Workers keep dying (the crash-loop limit was reached): the reason and the fix."""
+
+
+class TaskKilledWorkersError(KilledWorker, WorkerFailureError):
+    """A task killed every worker it ran on: dask's ``KilledWorker``, with why they died.
+
+    Both ``except KilledWorker`` and ``except WorkerFailureError`` catch it; ``reason``
+    is the plain-words cause and fix, ``kind`` its kind (``out-of-memory``, ...).
+    """
+
+    def __init__(self, task, last_worker, allowed_failures: int, reason: str = "",
+                 kind: str = "lost"):
+        Exception.__init__(self, task, last_worker, allowed_failures, reason, kind)
+
+    @property
+    def reason(self) -> str:
+        return self.args[3]
+
+    @property
+    def kind(self) -> str:
+        return self.args[4]
+
+    def __str__(self) -> str:
+        return (f"Attempted to run task {self.task!r} on {self.allowed_failures + 1} different "
+                f"workers (distributed.scheduler.allowed-failures={self.allowed_failures}), but "
+                f"all those workers died while running it: {self.reason}")
 
 
 @dataclass
@@ -261,13 +294,19 @@ class FailureMonitor(SchedulerPlugin):
 
     name = PLUGIN_NAME
 
-    def __init__(self, max_reports: int = 1000):
+    def __init__(self, max_reports: int = 1000, mode: str = "", limits: dict | None = None):
         self.max_reports = max_reports
+        self.mode = mode  # what describe() needs for the fix a KilledWorker names
+        self.limits = limits or {}
         self.events: dict[str, list[dict]] = {}  # worker name -> its reports, oldest first
         self.seq = 0
         self.completed = 0  # tasks that reached memory: the cluster's measure of progress
         self.given_up: str | None = None  # message waiting tasks fail with
         self.scheduler = None
+        self.joined: dict[str, float] = {}  # worker address -> when it joined
+        # task key -> (name, joined, died) of the workers that died running it
+        self.task_deaths: dict = {}
+        self._removing: set[str] = set()
 
     async def start(self, scheduler) -> None:
         self.scheduler = scheduler
@@ -279,8 +318,14 @@ class FailureMonitor(SchedulerPlugin):
 
     def add_worker(self, scheduler, worker: str) -> None:
         self.given_up = None  # a worker is back: let computations wait for it again
+        self.joined[worker] = time.time()
+
+    def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
+        self.joined.pop(worker, None)
 
     def transition(self, key, start: str, finish: str, *args, **kwargs) -> None:
+        if finish in ("memory", "erred", "forgotten"):
+            self.task_deaths.pop(key, None)
         if finish == "memory":
             self.completed += 1
         elif finish == "no-worker" and self.given_up is not None:
@@ -311,6 +356,79 @@ class FailureMonitor(SchedulerPlugin):
                 keys += [ts.key for ts in self.scheduler.queued]
         return self._fail(keys, message)
 
+    # ---- tasks that kill their workers
+
+    async def fail_tasks_killing(self, address: str, stimulus_id: str) -> None:
+        """Worker ``address`` died unexpectedly: fail the tasks on it that have now killed
+        ``allowed-failures`` + 1 workers with a :class:`TaskKilledWorkersError` naming why.
+
+        Runs just before ``Scheduler.remove_worker``, which would fail them with a bare
+        ``KilledWorker`` (see :class:`dask_lithops.scheduler.LithopsScheduler`)."""
+        s = self.scheduler
+        ws = s.workers.get(address)
+        if ws is None or address in self._removing:
+            return
+        name, now = str(ws.name), time.time()
+        joined = self.joined.get(address, 0.0)
+        for ts in ws.processing:
+            deaths = self.task_deaths.setdefault(ts.key, [])
+            deaths.append((name, joined, now))
+            del deaths[:-20]
+        while len(self.task_deaths) > 10 * self.max_reports:
+            self.task_deaths.pop(next(iter(self.task_deaths)))
+        poison = [ts for ts in ws.processing if ts.suspicious + 1 > s.allowed_failures]
+        if not poison:
+            return
+        self._removing.add(address)
+        try:
+            reason = self._reason_since(name, joined)
+            if reason is None and not any(self._earlier_reason(ts.key) for ts in poison):
+                # the report of this death may be on its way (a nanny posts it once the
+                # process has exited): wait for it briefly, the client waits for the error
+                deadline = time.monotonic() + REASON_WAIT
+                while reason is None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                    reason = self._reason_since(name, joined)
+            recs: dict = {}
+            for ts in poison:
+                if ts.processing_on is not ws or s.workers.get(address) is not ws:
+                    continue  # finished or moved while we waited
+                who, report = (name, reason) if reason is not None else \
+                    (self._earlier_reason(ts.key) or (name, None))
+                failure = describe(who, report, mode=self.mode, limits=self.limits)
+                ts.suspicious += 1
+                ts.prefix.suspicious += 1
+                exc = TaskKilledWorkersError(ts.key, ws.clean(), s.allowed_failures,
+                                             str(failure), failure.kind)
+                recs.update(s.transition(ts.key, "erred", exception=dumps(exc), cause=ts.key,
+                                         exception_text=str(exc), stimulus_id=stimulus_id,
+                                         worker=address))
+                # distributed's own line: the reason is logged once, by the cluster
+                logger.error("Task %s marked as failed because %d workers died while trying "
+                             "to run it", ts.key, ts.suspicious)
+            if recs:
+                s.transitions(recs, stimulus_id=stimulus_id)
+        finally:
+            self._removing.discard(address)
+
+    def _reason_since(self, name: str, since: float) -> dict | None:
+        """The latest report of an unplanned end of worker ``name`` received after ``since``."""
+        for event in reversed(self.events.get(name, ())):
+            if event["received"] < since:
+                return None
+            if event.get("kind") not in PLANNED:
+                return event
+        return None
+
+    def _earlier_reason(self, key) -> tuple[str, dict] | None:
+        """(name, report) of the latest earlier death of a worker running ``key`` that
+        reported its reason."""
+        for name, joined, _died in reversed(self.task_deaths.get(key, ())[:-1]):
+            report = self._reason_since(name, joined)
+            if report is not None:
+                return name, report
+        return None
+
     # ---- internals
 
     def _store(self, report: dict) -> None:
@@ -335,8 +453,6 @@ class FailureMonitor(SchedulerPlugin):
             self.events.pop(next(iter(self.events)))
 
     def _fail(self, keys, message: str) -> int:
-        from distributed.protocol.pickle import dumps
-
         s = self.scheduler
         exc = dumps(WorkerFailureError(message))
         stimulus_id = f"dask-lithops-give-up-{time.time()}"

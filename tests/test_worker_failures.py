@@ -15,7 +15,7 @@ from distributed import Client, KilledWorker
 
 from dask_lithops import LocalhostCluster
 from dask_lithops.cluster import ClusterClosedError
-from dask_lithops.failures import WorkerFailureError
+from dask_lithops.failures import TaskKilledWorkersError, WorkerFailureError
 from dask_lithops.testing.workloads import hold_memory, inc
 
 
@@ -36,9 +36,12 @@ def test_memory_kill_twice_then_the_cluster_still_computes(start_method, caplog)
                              dashboard_address=None) as cluster, Client(cluster) as client:
         nanny_pid = next(iter(cluster.workers.values())).process.pid
         start = time.monotonic()
-        with pytest.raises(KilledWorker):  # killed twice (allowed-failures=1), then failed
+        with pytest.raises(KilledWorker) as err:  # killed twice (allowed-failures=1), failed
             client.submit(hold_memory, 600, pure=False).result(timeout=60)
         assert time.monotonic() - start < 60
+        # dask's KilledWorker, saying why the workers died and what to do
+        assert isinstance(err.value, TaskKilledWorkersError) and err.value.kind == "out-of-memory"
+        assert "ran out of memory" in str(err.value) and "raise memory_limit" in str(err.value)
         # the nanny survived both kills and restarted its worker: the cluster computes
         assert client.submit(inc, 1).result(timeout=30) == 2
         assert pid_alive(nanny_pid)
@@ -54,6 +57,37 @@ def test_memory_kill_twice_then_the_cluster_still_computes(start_method, caplog)
                   and "ran out of memory" in r.getMessage()]
         assert len(logged) == 1  # once, however often it happens
     assert not pid_alive(nanny_pid)
+
+
+def test_a_task_that_kills_every_worker_fails_with_the_reason_while_others_finish():
+    """The crash loop never triggers (other tasks keep finishing): dask's allowed-failures
+    ends the poison task, and its KilledWorker carries the reason and the fix."""
+    with LocalhostCluster(n_workers=2, threads_per_worker=2, memory_limit="300MB",
+                          dashboard_address=None) as cluster, Client(cluster) as client:
+        start = time.monotonic()
+        poison = client.submit(hold_memory, 600, pure=False)
+        others, i = [], 0
+        while not poison.done() and time.monotonic() - start < 90:
+            others.append(client.submit(inc, i, pure=False))
+            i += 1
+            time.sleep(0.05)
+        with pytest.raises(KilledWorker) as err:
+            poison.result(timeout=1)
+        elapsed = time.monotonic() - start
+        assert isinstance(err.value, TaskKilledWorkersError), repr(err.value)
+        assert err.value.kind == "out-of-memory" and err.value.allowed_failures == 3
+        text = str(err.value)
+        assert "4 different workers" in text and "ran out of memory" in text, text
+        assert "286.10 MiB" in text and "raise memory_limit" in text, text
+        assert isinstance(err.value, WorkerFailureError)  # the cluster's own type catches it too
+        assert elapsed < 60
+        # the other tasks kept finishing meanwhile, every result right; the cluster computes
+        assert client.gather(others) == [j + 1 for j in range(i)]
+        assert i >= 5
+        assert client.submit(inc, 41).result(timeout=30) == 42
+        client.wait_for_workers(2, timeout=30)  # the last one killed is back (nanny restart)
+        assert len(client.scheduler_info()["workers"]) == 2 == len(cluster.worker_spec)
+        assert cluster._gave_up is None  # no crash loop: the error came from allowed-failures
 
 
 @pytest.fixture

@@ -146,6 +146,44 @@ def test_out_of_memory_reason_reaches_the_client_and_close_is_prompt(
     assert no_invocation_left(emulator, fn)
 
 
+def test_a_task_that_kills_every_function_fails_with_the_reason_while_others_finish(
+        emulator, runtime_package):
+    """Other tasks keep finishing (no crash loop): dask's allowed-failures ends the task,
+    its KilledWorker says the functions ran out of memory and what to raise."""
+    from distributed import KilledWorker
+
+    from dask_lithops.failures import TaskKilledWorkersError
+
+    sleep_then, grow_memory = task_functions()
+    cluster = make_cluster(emulator, runtime_memory=512)
+    fn = cluster.function_name
+    with cluster, Client(cluster) as client:
+        cluster.scale(2)
+        client.wait_for_workers(2, timeout=60)
+        start = time.monotonic()
+        poison = client.submit(grow_memory, 1024, pure=False)
+        others, i = [], 0
+        while not poison.done() and time.monotonic() - start < 120:
+            others.append(client.submit(sleep_then, 0.05, i, pure=False))
+            i += 1
+            time.sleep(0.1)
+        with pytest.raises(KilledWorker) as info:
+            poison.result(timeout=1)
+        elapsed = time.monotonic() - start
+        assert isinstance(info.value, TaskKilledWorkersError), repr(info.value)
+        message = str(info.value)
+        assert info.value.kind == "out-of-memory", message
+        assert "ran out of memory" in message and "512.00 MiB" in message, message
+        assert "raise runtime_memory (up to 10240 MB on aws_lambda)" in message, message
+        # four deaths, each a replacement's cold start apart
+        records = cluster.usage()["workers"]
+        starts = sum(r["registered"] - r["invoked"] for r in records if r["registered"])
+        assert elapsed < 60 + starts, (elapsed, starts)
+        assert client.gather(others) == list(range(i))
+        assert cluster._gave_up is None  # allowed-failures ended it, not the crash loop
+    assert no_invocation_left(emulator, fn)
+
+
 @pytest.fixture
 def client_only_module(tmp_path, monkeypatch):
     (tmp_path / "client_helpers_faas.py").write_text("def half(x):\n    return x / 2\n")

@@ -28,14 +28,14 @@ MARK = "DASK_LITHOPS_SCHEDULER"
 
 async def run(payload: SchedulerPayload) -> None:
     import dask.config
-    from distributed import Scheduler
 
     from dask_lithops.payload import security_from_dict
+    from dask_lithops.scheduler import LithopsScheduler
 
     with dask.config.set(payload.config or {}):
         dashboard = payload.dashboard_address
         security = security_from_dict(payload.security)
-        scheduler = Scheduler(
+        scheduler = LithopsScheduler(
             host=payload.host, port=payload.port or 0, protocol=payload.protocol,
             security=security, dashboard=dashboard is not None, dashboard_address=dashboard,
             idle_timeout=payload.idle_timeout)
