@@ -6,7 +6,8 @@
 
 It checks that this runtime matches the client's, then runs a distributed
 Nanny (or Worker) until the cluster stops it, its lifetime ends, or its
-scheduler has been unreachable for ``death_timeout``.  Launchers read two
+scheduler has been unreachable for ``death_timeout`` (or refused every connection
+for ``REFUSED_GRACE`` before the worker reached it: its cluster closed).  Launchers read two
 machine-readable lines on stdout: ``DASK_LITHOPS_READY {json}`` once the
 worker is up, ``DASK_LITHOPS_ERROR {json}`` when it cannot start.
 
@@ -92,6 +93,9 @@ def _server_kwargs(payload: LaunchPayload) -> dict[str, Any]:
 
 
 _PRELOAD = "dask_lithops.worker"
+
+# Exit report kinds of a worker whose scheduler is gone: nobody to post the report to.
+SCHEDULER_GONE = frozenset({"scheduler-lost", "scheduler-unreachable"})
 
 
 def _configured_preloads() -> list[str]:
@@ -335,6 +339,97 @@ async def _scheduler_watchdog(server, payload: LaunchPayload, security) -> bool:
     return False
 
 
+# A worker that has not reached its scheduler yet gives up once every dial of the
+# scheduler's address was refused for this long: the host answers, nothing listens (the
+# cluster closed, e.g. while this replacement was cold-starting, which nothing can cancel
+# on a FaaS platform).  Without this it would retry until death_timeout (60 s), billed.
+# Not at the first refusal: our clusters invoke or launch workers only once their
+# scheduler (and the relay) listen, and a busy listener drops connections (a full backlog
+# times out, it does not refuse), so a refusal is only transient where a forwarder is
+# between the worker and the scheduler -- an SSH tunnel being set up again, a port
+# forward or proxy restarting -- which takes a second or two.  Three times that still
+# ends an orphaned invocation long before death_timeout.
+REFUSED_GRACE = 5.0
+_DIAL_INTERVAL = 0.5
+
+
+async def dial_scheduler(address: str, security, timeout: float) -> str | None:
+    """None when something answers at the scheduler's ``address`` (TCP, and TLS when the
+    security says so: a TLS listener warns about a connection closed before its handshake);
+    ``"refused"`` when the host answers that nothing listens there; else why not."""
+    import ssl
+
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    host, port = parse_host_port(parse_address(address)[1])
+    ssl_context = security.get_connection_args("worker").get("ssl_context")
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ssl_context,
+                                    server_hostname=host if ssl_context else None), timeout)
+    except ConnectionRefusedError:
+        return "refused"
+    except ssl.SSLError:
+        return None  # something answers TLS there: the worker's own start reports more
+    except asyncio.TimeoutError:
+        return f"no answer within {timeout:g}s"
+    except OSError as e:
+        return (e.strerror or str(e)).lower()
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), 1)
+    except (OSError, asyncio.TimeoutError):
+        pass
+    return None
+
+
+async def refused_for(address: str, security, grace: float = REFUSED_GRACE,
+                      first_wait: float = 0.0) -> None:
+    """Return once every dial of ``address`` for ``grace`` seconds was refused (a dial
+    that answers, or does not answer at all, starts the count again)."""
+    await asyncio.sleep(first_wait)
+    refused_since = None
+    while True:
+        outcome = await dial_scheduler(address, security, timeout=max(1.0, grace / 2))
+        now = time.monotonic()
+        if outcome != "refused":
+            refused_since = None
+        elif refused_since is None:
+            refused_since = now
+        elif now - refused_since >= grace:
+            return
+        await asyncio.sleep(_DIAL_INTERVAL)
+
+
+async def _start_unless_refused(server, payload: LaunchPayload, security) -> bool:
+    """Start ``server`` (it registers with its scheduler); False, with the server
+    closed, when the scheduler refuses connections for ``REFUSED_GRACE`` first.
+
+    distributed retries a refused connection until death_timeout with no way to tell
+    it apart from a slow network, so a probe of our own watches the start.  It dials
+    only while the start takes longer than a healthy one."""
+    starting = asyncio.ensure_future(server.start())
+    refused = asyncio.ensure_future(
+        refused_for(payload.scheduler_address, security, first_wait=1.0))
+    try:
+        await asyncio.wait([starting, refused], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        refused.cancel()
+    if starting.done():
+        starting.result()  # its error, if any
+        return True
+    starting.cancel()
+    try:
+        await starting
+    except (asyncio.CancelledError, Exception):
+        pass
+    logger.warning("scheduler %s refused connections for %.0fs before worker %s reached it: "
+                   "its cluster is closed; not starting the worker",
+                   payload.scheduler_address, REFUSED_GRACE, payload.name)
+    await server.close(reason="scheduler-unreachable")
+    return False
+
+
 async def run_worker_async(payload: LaunchPayload | dict, on_ready=None) -> dict:
     """Run one worker described by ``payload`` until it stops; return an exit report."""
     if isinstance(payload, dict):
@@ -348,7 +443,10 @@ async def run_worker_async(payload: LaunchPayload | dict, on_ready=None) -> dict
         kwargs = _server_kwargs(payload)
         cls = _nanny_class() if payload.nanny else _worker_class()
         server = cls(payload.scheduler_address, **kwargs)
-        await server
+        if not await _start_unless_refused(server, payload, kwargs["security"]):
+            return {"name": payload.name, "reason": "scheduler-unreachable",
+                    "kind": "scheduler-unreachable", "duration": time.monotonic() - start,
+                    "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         address = server.worker_address if payload.nanny else server.address
         if on_ready is not None:
             on_ready({"name": payload.name, "address": address,
@@ -440,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         payload = read_payload(args)
         report = run_worker(payload, on_ready=lambda info: _emit(READY_MARK, info))
-        if report["kind"] != "scheduler-lost":  # "final": this process ends now
+        if report["kind"] not in SCHEDULER_GONE:  # "final": this process ends now
             asyncio.run(post_report(payload.scheduler_address,
                                     security_from_dict(payload.security),
                                     {**report, "final": True}))

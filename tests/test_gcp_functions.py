@@ -424,12 +424,22 @@ def _cli_build_deploy_list_delete(emulator, cli, runtime):
 
 
 def test_no_instance_available_is_retried_then_reported(emulator, caplog):
-    """maxInstanceCount below the requested workers: 429s are retried with backoff and
-    reported like Lambda's throttling; the computation completes on the workers there are."""
+    """maxInstanceCount below the requested workers: 429s are retried with backoff, then
+    the refused worker waits for capacity (invoked again every THROTTLED_RETRY s) and does
+    not count as a crash: with no task finishing for longer than crash_loop_limit refusals
+    take, the computation completes on the worker there is, with one warning."""
     import logging
     import time
 
     from distributed import Client
+
+    from dask_lithops.serverless.cluster import THROTTLED_RETRY
+
+    def nap(seconds, value):
+        import time
+
+        time.sleep(seconds)
+        return value
 
     memory = 1088
     with make_cluster(emulator, runtime_memory=memory, max_workers=1):
@@ -440,15 +450,24 @@ def test_no_instance_available_is_retried_then_reported(emulator, caplog):
             Client(cluster) as client:
         cluster.scale(2)
         client.wait_for_workers(1, timeout=90)
+        # one task, longer than a refusal, the pause and a second refusal: nothing finishes
+        assert client.submit(nap, THROTTLED_RETRY + 5, 7, pure=False).result(timeout=60) == 7
         assert sum(client.gather(client.map(lambda i: i + 1, range(50)))) == sum(range(1, 51))
         assert len(client.scheduler_info()["workers"]) == 1
-        deadline = time.monotonic() + 30
-        while "no instance available" not in caplog.text and time.monotonic() < deadline:
-            time.sleep(0.3)
+        assert cluster.throttled >= 2, cluster.throttled  # refused, invoked again, refused
+        assert cluster.worker_failures == []
+        assert len(cluster.worker_spec) == 2  # the refused worker still waits for capacity
+        close_start = time.monotonic()
+    assert time.monotonic() - close_start < 10  # the pending re-invocation does not hold it
+    warned = [r for r in caplog.records if "until there is capacity" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in warned]
+    message = warned[0].getMessage()
     assert "still refused the request (HTTP 429: no instance available) after 2 retries" \
-        in caplog.text
-    assert "lithops.gcp_functions.max_workers" in caplog.text
+        in message
+    assert "lithops.gcp_functions.max_workers" in message and "max instances" in message
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR
+                and r.name.startswith("dask_lithops")]  # no crash loop
     refused = [r for r in worker_requests(emulator, fn) if r.status == 429]
-    assert len(refused) >= 3  # the first try and two retries of one worker
+    assert len(refused) >= 6  # the first try and two retries, twice
     assert wait_no_busy(emulator, fn) == []
     assert not cluster.backend._held

@@ -197,9 +197,9 @@ def client_only_module(tmp_path, monkeypatch):
 def test_missing_module_in_the_function_fails_with_the_fix(
         emulator, runtime_package, client_only_module):
     # a function of its own; a replacement caught mid-cold-start by close() cannot be
-    # cancelled (nor on Lambda): it ends once it has not reached the closed scheduler for
-    # death_timeout, the documented bound for the invocations of a closed cluster
-    cluster = make_cluster(emulator, runtime_memory=768, death_timeout=15)
+    # cancelled (nor on Lambda): it ends once the closed scheduler has refused it for
+    # REFUSED_GRACE (5 s), not after death_timeout (the default 60 s)
+    cluster = make_cluster(emulator, runtime_memory=768)
     fn = cluster.function_name
     with cluster, Client(cluster) as client:
         cluster.scale(2)
@@ -211,4 +211,98 @@ def test_missing_module_in_the_function_fails_with_the_fix(
         assert "module 'client_helpers_faas' is a local file of the client" in str(info.value)
         assert "client.upload_file" in str(info.value)
         assert {f.kind for f in cluster.worker_failures} == {"missing-module"}
-    assert no_invocation_left(emulator, fn, timeout=15 + 15)
+    assert no_invocation_left(emulator, fn)
+
+
+class _ForwardOnce:
+    """A TCP forwarder to ``target`` that serves one connection, then stops listening:
+    the next dial is refused, as once the cluster (or a tunnel to it) is gone."""
+
+    def __init__(self, host: str, target: tuple[str, int]):
+        import socket
+        import threading
+
+        self.listener = socket.create_server((host, 0))
+        self.port = self.listener.getsockname()[1]
+        self.target = target
+        self.threads = [threading.Thread(target=self._serve, daemon=True)]
+        self.threads[0].start()
+
+    def _serve(self) -> None:
+        import socket
+        import threading
+
+        conn, _ = self.listener.accept()
+        self.listener.close()
+        upstream = socket.create_connection(self.target)
+
+        def pipe(src, dst):
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        for src, dst in ((conn, upstream), (upstream, conn)):
+            t = threading.Thread(target=pipe, args=(src, dst), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def close(self) -> None:
+        self.listener.close()
+        for t in self.threads:
+            t.join(timeout=5)
+
+
+def test_a_worker_whose_scheduler_is_gone_ends_at_once(emulator, runtime_package):
+    """An invocation whose scheduler refuses connections (the cluster closed, e.g. while
+    it cold-started) ends after REFUSED_GRACE with a planned reason, not after
+    death_timeout: both when it finds nothing listening at its start, and when the
+    scheduler answered its reachability check but is gone before the worker registers."""
+    import dataclasses
+    import json
+
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    from dask_lithops.failures import PLANNED
+    from dask_lithops.worker import REFUSED_GRACE
+
+    # a function of its own; death_timeout: the default 60 s
+    cluster = make_cluster(emulator, runtime_memory=640)
+    fn = cluster.function_name
+    lam = emulator.client()
+
+    def invoke(payload):
+        start = time.monotonic()
+        response = lam.invoke(FunctionName=fn, Payload=cluster.worker_event(payload))
+        return json.loads(response["Payload"].read()), time.monotonic() - start
+
+    with cluster:
+        assert cluster.death_timeout == 60
+        template = cluster.launch_payload("gone-0")
+        scheme, location = parse_address(template.scheduler_address)
+        host, port = parse_host_port(location)
+        # 1. the scheduler answers the reachability check, then refuses the registration
+        forward = _ForwardOnce(host, (host, port))
+        try:
+            report, elapsed = invoke(dataclasses.replace(
+                template, name="gone-1", scheduler_address=f"{scheme}://{host}:{forward.port}"))
+        finally:
+            forward.close()
+        assert report["reason"] == "scheduler-unreachable" and report["kind"] in PLANNED, report
+        assert report["timeline"].get("reachable"), report  # it passed the start check
+        # after the grace, not at the first refusal; far below death_timeout
+        assert REFUSED_GRACE <= report["duration"] < REFUSED_GRACE + 10, report
+        assert elapsed < 30, elapsed  # cold start included
+        # 2. nothing listens at all from the start (the handler's start check)
+        report, elapsed = invoke(dataclasses.replace(
+            template, name="gone-2", scheduler_address=f"{scheme}://{host}:{forward.port}"))
+        assert report["reason"] == "scheduler-unreachable", report
+        assert REFUSED_GRACE <= report["duration"] < REFUSED_GRACE + 5, report
+    assert no_invocation_left(emulator, fn)

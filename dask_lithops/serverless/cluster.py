@@ -48,7 +48,7 @@ from dask_lithops.progress import format_bytes
 from dask_lithops.serverless import placement as placements
 from dask_lithops.serverless import reachability
 from dask_lithops.serverless.backends import BACKENDS, backend_class
-from dask_lithops.serverless.backends.base import Invocation
+from dask_lithops.serverless.backends.base import Invocation, ThrottledError
 from dask_lithops.serverless.handler import _SAFETY as _HANDLER_SAFETY
 from dask_lithops.serverless.handler import EXIT_REPORT_OP
 from dask_lithops.serverless.usage import UsageTracker
@@ -60,6 +60,7 @@ __all__ = ["BACKENDS", "FunctionWorker", "PayloadTooLarge", "ServerlessCluster",
 _STOP_WAIT = 15.0  # for a stopped worker's exit report
 _END_WAIT = 5.0  # then for its invocation to return (a held request), before cutting it off
 LIFETIME_ATTEMPTS = 2  # workers a task may outlive before it fails (it cannot finish in time)
+THROTTLED_RETRY = 10.0  # seconds before a worker the platform refused is invoked again
 _GOLDEN = 0.6180339887498949
 _PAYLOAD_FIELDS = tuple(f.name for f in dataclasses.fields(LaunchPayload))
 _CLUSTER_OPTIONS = frozenset(inspect.signature(LithopsCluster.__init__).parameters) - {"self"}
@@ -109,6 +110,10 @@ class FunctionWorker(WorkerLauncher):
         try:
             self.invocation = await cluster.start_invocation(self.name, event)
             cluster._invocations[self.name] = self.invocation
+        except ThrottledError as e:  # no capacity (after the backend's retries): not a crash
+            cluster.usage_tracker.forget(self.name)
+            asyncio.get_running_loop().call_soon(
+                cluster._throttled, self.name, {"reason": "throttled", "error": str(e)})
         except Exception as e:
             cluster.usage_tracker.forget(self.name)
             raise WorkerLaunchError(f"worker {self.name}: invocation failed: {e}") from e
@@ -324,6 +329,8 @@ class ServerlessCluster(LithopsCluster):
         self.function_name: str | None = None
         self.runtime_package = None
         self.throttle_warnings = 0
+        self.throttled = 0  # worker invocations the platform refused for want of capacity
+        self._throttle_retries: set[asyncio.Task] = set()
         self._unreachable_warned = False
         kwargs.setdefault("lifetime", None)
         super().__init__(
@@ -508,6 +515,8 @@ class ServerlessCluster(LithopsCluster):
         if self._rotation_task is not None:
             self._rotation_task.cancel()
             self._rotation_task = None
+        for task in list(self._throttle_retries):
+            task.cancel()
         try:
             if self._retiring:
                 await asyncio.gather(*(w.close() for w in list(self._retiring.values())),
@@ -596,13 +605,61 @@ class ServerlessCluster(LithopsCluster):
         else:  # no exit report: the invocation failed, or was cut off after the report
             self.usage_tracker.ended(name, None if record and record.reason else report)
             self._exited.setdefault(name, asyncio.Event()).set()
-        failed = report.get("reason") in ("error", "throttled")
+        if report.get("reason") == "throttled":
+            self._throttled(name, report)
+            return
+        failed = report.get("reason") == "error"
         if failed and self.status == Status.running:
             logger.warning("worker %s: invocation failed%s: %s", name,
                            " before the worker started" if never_joined else "",
                            report.get("error"))
             if name in self.worker_spec and name not in self._addresses:
                 self.worker_ended(name, _invocation_failure(report, self.memory))
+
+    def _throttled(self, name: str, report: dict) -> None:
+        """The platform refused worker ``name``'s invocation for want of capacity (the
+        function's max instances, the account's or project's concurrency), after the
+        backend's retries with backoff.
+
+        Not a crash: it does not count toward crash_loop_limit (else scaling past the
+        limit would make the cluster give up while its other workers compute).  The spec
+        entry stays and is invoked again every THROTTLED_RETRY seconds under a new name,
+        until capacity frees, the cluster scales down or closes: a requested worker waits
+        for capacity, as Lambda keeps an Event invocation queued over its concurrency, a
+        Kubernetes pod stays Pending, a batch job stays queued (dask-jobqueue), and
+        Lithops retries a throttled call.  Dropping the entry instead would shrink the
+        cluster for good at every refusal, e.g. at each rotation of a cluster that runs
+        at its function's limit.  One warning says so; the computations go on with the
+        workers that started."""
+        if self.status != Status.running or name not in self.worker_spec or \
+                name in self._addresses:
+            return
+        self.throttled += 1
+        if self.throttled == 1:
+            logger.warning(
+                "worker %s: %s. The cluster computes with the workers that started and "
+                "invokes the others again every %.0fs until there is capacity. Fix: fewer "
+                "workers (cluster.scale(n), %s), or raise the function's max instances or "
+                "the account's concurrency limit", name,
+                str(report.get("error") or "invocation throttled").rstrip("."),
+                THROTTLED_RETRY, self.backend.key("max_workers"))
+        else:
+            logger.info("worker %s: invocation throttled again", name)
+        task = asyncio.ensure_future(self._retry_throttled(name))
+        self._throttle_retries.add(task)
+        task.add_done_callback(self._throttle_retries.discard)
+
+    async def _retry_throttled(self, name: str) -> None:
+        await asyncio.sleep(THROTTLED_RETRY)
+        if self.status != Status.running or name not in self.worker_spec or \
+                name in self._addresses:
+            return
+        spec = self.worker_spec.pop(name)
+        self._drop_launcher(name)
+        new_name = next(iter(self.new_worker_spec()))
+        self.worker_spec[new_name] = spec
+        logger.info("invoking worker %s again as %s (it was throttled)", name, new_name)
+        await self._start_replacement(new_name)
 
     def scale(self, n=0, memory=None, cores=None):
         if n > self.max_workers:

@@ -30,7 +30,6 @@ import asyncio  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
-import ssl  # noqa: E402
 import sys  # noqa: E402
 
 logger = logging.getLogger("dask_lithops.serverless.handler")
@@ -135,7 +134,7 @@ async def _run(event: dict, deadline: float | None, memory_mb: int, request_id: 
     timeline = {"process_start": _PROCESS_START, "module_loaded": _MODULE_LOADED,
                 "handler": start}
     from dask_lithops.payload import RuntimeMismatch, decode_b64, security_from_dict
-    from dask_lithops.worker import run_worker_async
+    from dask_lithops.worker import SCHEDULER_GONE, run_worker_async
 
     timeline["imports"] = time.time()
     if event.get("not_after") and time.time() > float(event["not_after"]):
@@ -168,37 +167,33 @@ async def _run(event: dict, deadline: float | None, memory_mb: int, request_id: 
     report["timeline"] = timeline
     report["memory_mb"] = memory_mb
     report["request_id"] = request_id
-    await _post_report(payload, security, report)
+    if report.get("kind") not in SCHEDULER_GONE:  # else a post would retry for seconds
+        await _post_report(payload, security, report)
     return report
 
 
 async def _scheduler_reachable(payload, security, timeout: float = 10.0) -> bool:
-    """A worker event that starts after its cluster closed must end at once."""
-    from distributed.comm.addressing import parse_address, parse_host_port
+    """A worker event that starts after its cluster closed must end at once: False when
+    the scheduler does not answer for ``min(timeout, death_timeout)``, or refuses every
+    connection for ``REFUSED_GRACE`` (see there why not at the first refusal)."""
+    from dask_lithops.worker import REFUSED_GRACE, dial_scheduler
 
-    host, port = parse_host_port(parse_address(payload.scheduler_address)[1])
-    # a TLS listener logs a warning for a connection closed before its handshake
-    ssl_context = security.get_connection_args("worker").get("ssl_context")
     deadline = time.monotonic() + min(timeout, payload.death_timeout or timeout)
+    refused_since = None
     while True:
-        try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, ssl=ssl_context,
-                                        server_hostname=host if ssl_context else None), 3)
-            writer.close()
-            try:
-                await asyncio.wait_for(writer.wait_closed(), 1)
-            except (OSError, asyncio.TimeoutError):
-                pass
+        outcome = await dial_scheduler(payload.scheduler_address, security, timeout=3)
+        if outcome is None:
             return True
-        except ConnectionRefusedError:
-            return False  # the host answers: nothing listens there any more
-        except ssl.SSLError:
-            return True  # something answers TLS there: the worker's own start reports more
-        except (OSError, asyncio.TimeoutError):
-            if time.monotonic() > deadline:
+        now = time.monotonic()
+        if outcome == "refused":  # the host answers: nothing listens there (now)
+            refused_since = refused_since or now
+            if now - refused_since >= REFUSED_GRACE:
                 return False
-            await asyncio.sleep(0.5)
+        else:
+            refused_since = None
+            if now > deadline:
+                return False
+        await asyncio.sleep(0.5)
 
 
 async def _post_report(payload, security, report: dict) -> None:
