@@ -166,3 +166,32 @@ def test_use_after_close_is_a_clear_error():
             pass
     with pytest.raises(ClusterClosedError, match="closed"):
         cluster.get_logs()
+
+
+def test_a_worker_whose_scheduler_closed_exits_at_once():
+    """The entry point (a nanny, as localhost and SSH hosts run it) started after its
+    scheduler closed: it exits 0 as scheduler-unreachable after REFUSED_GRACE of refused
+    connections, not after death_timeout."""
+    import asyncio
+    import subprocess
+
+    from distributed import Scheduler
+
+    from dask_lithops.payload import LaunchPayload, encode
+    from dask_lithops.worker import READY_MARK, REFUSED_GRACE
+
+    async def closed_scheduler_address():
+        async with Scheduler(host="127.0.0.1", port=0, dashboard_address=None) as s:
+            return s.address
+
+    address = asyncio.run(closed_scheduler_address())
+    payload = LaunchPayload(scheduler_address=address, name="late-0", nanny=True,
+                            death_timeout=60.0, memory_limit=None)
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "dask_lithops.worker", "--payload", "-"],
+                       input=encode(payload), capture_output=True, timeout=60)
+    elapsed = time.monotonic() - start
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert "worker late-0 stopped: scheduler-unreachable" in r.stderr.decode()
+    assert READY_MARK.encode() not in r.stdout
+    assert REFUSED_GRACE <= elapsed < REFUSED_GRACE + 15, elapsed  # far below death_timeout

@@ -306,3 +306,39 @@ def test_a_worker_whose_scheduler_is_gone_ends_at_once(emulator, runtime_package
         assert report["reason"] == "scheduler-unreachable", report
         assert REFUSED_GRACE <= report["duration"] < REFUSED_GRACE + 5, report
     assert no_invocation_left(emulator, fn)
+
+
+def test_throttled_invokes_wait_for_capacity_and_are_not_crashes(
+        emulator, runtime_package, caplog):
+    """Lambda refuses Event invokes over its request rate (TooManyRequestsException, here
+    with no retry): the refused workers are not crashes (crash_loop_limit is 3: four
+    refusals in a row would have made the cluster give up) and start once there is
+    capacity again; one warning names the limit and the fix."""
+    from dask_lithops.serverless.cluster import THROTTLED_RETRY
+
+    caplog.set_level(logging.INFO, logger="dask_lithops")
+    cluster = make_cluster(emulator, runtime_memory=704, invoke_retries=0)
+    fn = cluster.function_name
+    emulator.invoke_rate_limit = 1.0  # one invoke a second (a bucket of one)
+    try:
+        with cluster, Client(cluster) as client:
+            time.sleep(1.5)  # the bucket is full: the first invoke goes through
+            start = time.monotonic()
+            cluster.scale(4)
+            client.wait_for_workers(4, timeout=3 * THROTTLED_RETRY + 60)
+            elapsed = time.monotonic() - start
+            assert elapsed > THROTTLED_RETRY  # three waited for capacity
+            assert cluster.throttled >= 4, cluster.throttled  # 3 at once, then 2, then 1
+            assert cluster.worker_failures == []
+            assert client.submit(lambda x: x + 1, 1).result(timeout=30) == 2
+            assert len(cluster.worker_spec) == 4
+    finally:
+        emulator.invoke_rate_limit = None
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("dask_lithops")]
+    warned = [m for m in messages if "until there is capacity" in m]
+    assert len(warned) == 1, warned
+    assert "TooManyRequestsException" in warned[0] and "lithops.aws_lambda.max_workers" \
+        in warned[0]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR
+                and r.name.startswith("dask_lithops")]
+    assert no_invocation_left(emulator, fn)
