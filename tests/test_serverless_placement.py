@@ -155,15 +155,22 @@ def test_local_scheduler_unreachable_fails_fast_with_the_fix(emulator, deployed)
                                  and "invoke" in t.name], 10)
 
 
-def test_scheduler_on_an_ssh_host(emulator, ssh_host):
-    host = ssh_host.hosts[0]
-    cluster = ServerlessCluster(
-        endpoint_url=emulator.endpoint_url, scheduler="ssh", scheduler_host=f"root@{host}",
+def ssh_scheduler_cluster(emulator, ssh_host, **kwargs) -> ServerlessCluster:
+    """A cluster whose scheduler runs on the SSH test host (the host's bare Python)."""
+    kwargs.setdefault("runtime_memory", 1024)
+    return ServerlessCluster(
+        endpoint_url=emulator.endpoint_url, scheduler="ssh",
+        scheduler_host=f"root@{ssh_host.hosts[0]}",
         scheduler_options=dict(ssh_key_filename=ssh_host.key_filename,
                                known_hosts=ssh_host.known_hosts, remote_python=sys.executable,
                                install_runtime=False),
-        extra_packages=EXTRA, runtime_memory=1024, runtime_timeout=600, death_timeout="10s",
-        dashboard_address=None)
+        extra_packages=EXTRA, dashboard_address=None, **kwargs)
+
+
+def test_scheduler_on_an_ssh_host(emulator, ssh_host):
+    host = ssh_host.hosts[0]
+    cluster = ssh_scheduler_cluster(emulator, ssh_host, runtime_timeout=600,
+                                    death_timeout="10s")
     fn = cluster.function_name
     with cluster, Client(cluster) as client:
         # the client reaches the scheduler through its SSH tunnel; functions dial the host
@@ -194,13 +201,7 @@ def test_rotation_with_the_scheduler_on_a_host(emulator, ssh_host):
     scheduler), no key is lost or computed twice."""
     import numpy as np
 
-    host = ssh_host.hosts[0]
-    cluster = ServerlessCluster(
-        endpoint_url=emulator.endpoint_url, scheduler="ssh", scheduler_host=f"root@{host}",
-        scheduler_options=dict(ssh_key_filename=ssh_host.key_filename,
-                               known_hosts=ssh_host.known_hosts, remote_python=sys.executable,
-                               install_runtime=False),
-        extra_packages=EXTRA, runtime_memory=1152, runtime_timeout=20, dashboard_address=None)
+    cluster = ssh_scheduler_cluster(emulator, ssh_host, runtime_memory=1152, runtime_timeout=20)
 
     def step(prev, i):
         time.sleep(1.0)
@@ -232,6 +233,49 @@ def test_rotation_with_the_scheduler_on_a_host(emulator, ssh_host):
         assert len(cluster.usage_tracker.records) >= 2 + 2 * 2  # each slot rotated twice
         assert not [i for i in emulator.invocations(cluster.function_name)
                     if i.status == "timedout"]
+
+
+def test_task_longer_than_the_function_lifetime_fails_with_the_scheduler_on_a_host(
+        emulator, ssh_host):
+    """runtime_timeout=20s, a task sleeping 300 s, the scheduler on the SSH host: the task is
+    counted as it outlives each worker (the drain runs on that scheduler) and fails naming the
+    fix after LIFETIME_ATTEMPTS workers, instead of being retried forever."""
+    from dask_lithops.failures import WorkerFailureError
+    from dask_lithops.serverless.cluster import LIFETIME_ATTEMPTS
+
+    def sleep_then(seconds, value=None):
+        time.sleep(seconds)
+        return value
+
+    # the rotation test's function (1152 MB, 20 s); 1024 MB is deployed with 600 s here
+    cluster = ssh_scheduler_cluster(emulator, ssh_host, runtime_memory=1152, runtime_timeout=20)
+    fn = cluster.function_name
+    with cluster, Client(cluster) as client:
+        cluster.scale(1)
+        client.wait_for_workers(1, timeout=60)
+        start = time.monotonic()
+        # a tuple key: it goes to the remote scheduler and back (pickled, then msgpack)
+        future = client.submit(sleep_then, 300, key=("outlives-workers", 0))
+        with pytest.raises(WorkerFailureError) as info:
+            future.result(timeout=120)
+        elapsed = time.monotonic() - start
+        message = str(info.value)
+        assert "ran longer than a worker's lifetime" in message, message
+        assert "runtime_timeout up to the backend's limit of 900s" in message, message
+        assert "split the task" in message and "StandaloneCluster" in message, message
+        # bounded: LIFETIME_ATTEMPTS workers' lifetimes plus the replacements' cold starts
+        records = cluster.usage()["workers"]
+        starts = sum(r["registered"] - r["invoked"] for r in records if r["registered"])
+        assert elapsed < LIFETIME_ATTEMPTS * cluster.worker_lifetime + starts + 10, \
+            (elapsed, starts)
+        assert [f.kind for f in cluster.worker_failures] == ["timeout"]
+        assert cluster._lifetime_attempts == {("outlives-workers", 0): LIFETIME_ATTEMPTS}
+        # the cluster still works
+        assert client.submit(sleep_then, 0.1, 7).result(timeout=60) == 7
+    # no invocation is left running, and none ran on to the platform's timeout
+    assert wait_for(lambda: not busy(emulator, fn)), busy(emulator, fn)
+    timedout = [i for i in emulator.invocations(fn) if i.status == "timedout"]
+    assert not timedout, timedout
 
 
 # -- aws_ec2: a small VM (moto + the VM booter) ------------------------------------------------

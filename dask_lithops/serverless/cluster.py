@@ -147,15 +147,15 @@ class _Tracker(SchedulerPlugin):
                 self.cluster._on_worker_removed(name)
 
 
-def drain_on_scheduler(name: str, dask_scheduler=None) -> int:
-    """(Runs on the scheduler.) Give worker ``name`` no new tasks; return how many it runs."""
+def drain_on_scheduler(name: str, dask_scheduler=None) -> list:
+    """(Runs on the scheduler.) Give worker ``name`` no new tasks; return the keys it runs."""
     for ws in list(dask_scheduler.workers.values()):
         if str(ws.name) == name:
             if ws.status == Status.running:
                 dask_scheduler.handle_worker_status_change(
                     Status.closing_gracefully, ws, stimulus_id=f"dask-lithops-rotate-{name}")
-            return len(ws.processing)
-    return 0
+            return [ts.key for ts in ws.processing]
+    return []
 
 
 class ServerlessCluster(LithopsCluster):
@@ -827,37 +827,18 @@ class ServerlessCluster(LithopsCluster):
                                                     and not self._data_recipients(name))):
                 await asyncio.sleep(0.2)
             # 2. drain: no new tasks for the old worker; let its running ones finish
-            addr = self._addresses.get(name)
-            if self.remote_scheduler is not None:
-                # the scheduler is elsewhere: the same steps, run there
-                from distributed.protocol.pickle import dumps
-
-                while addr and time.monotonic() < deadline and self.status == Status.running:
-                    answer = await self.scheduler_comm.run_function(
-                        function=dumps(drain_on_scheduler), args=dumps((name,)),
-                        kwargs=dumps({}))
-                    if not (answer or {}).get("result"):
-                        break
-                    await asyncio.sleep(0.2)
-                if addr and self.status == Status.running:
-                    await self.scheduler_comm.retire_workers(
-                        names=[name], close_workers=True, remove=True,
-                        stimulus_id=f"dask-lithops-rotate-{name}-{uuid.uuid4().hex[:6]}")
-                await old.close()
-                return
-            ws = self.scheduler.workers.get(addr) if addr else None
-            if ws is not None and ws.status == Status.running:
-                self.scheduler.handle_worker_status_change(
-                    Status.closing_gracefully, ws, stimulus_id=f"dask-lithops-rotate-{name}")
-            while ws is not None and ws.processing and time.monotonic() < deadline and \
-                    self.status == Status.running:
+            running = []
+            while name in self._addresses and self.status == Status.running:
+                running = await self._run_on_scheduler(drain_on_scheduler, name)
+                if not running or time.monotonic() >= deadline:
+                    break
                 await asyncio.sleep(0.2)
             # tasks still running now would be cut off: count it; past the bound they fail
-            if ws is not None and ws.processing and self.status == Status.running:
-                await self._tasks_outlived_worker(name, [ts.key for ts in ws.processing])
+            if running and self.status == Status.running:
+                await self._tasks_outlived_worker(name, running)
             # 3. retire: its data moves to peers, then it closes and its invocation returns
-            if addr and addr in self.scheduler.workers and self.status == Status.running:
-                await self.scheduler.retire_workers(
+            if name in self._addresses and self.status == Status.running:
+                await self.scheduler_comm.retire_workers(
                     names=[name], close_workers=True, remove=True,
                     stimulus_id=f"dask-lithops-rotate-{name}-{uuid.uuid4().hex[:6]}")
             await old.close()
@@ -891,10 +872,21 @@ class ServerlessCluster(LithopsCluster):
         except Exception as e:
             logger.warning("could not fail tasks %s: %s", over, e)
 
+    async def _run_on_scheduler(self, function, *args):
+        """``function(*args, dask_scheduler=...)`` where the scheduler runs: here, or on its
+        own host (through ``run_function``; the result comes back pickled, keys intact)."""
+        if self.remote_scheduler is None:
+            return function(*args, dask_scheduler=self.scheduler)
+        from distributed.protocol.pickle import dumps
+
+        answer = await self.scheduler_comm.run_function(
+            function=dumps(function), args=dumps(args), kwargs=dumps({}))
+        return answer["result"]
+
     def _data_recipients(self, name: str) -> bool:
-        """Is a worker other than ``name`` running (not draining): one that can take data?"""
-        return any(ws.status == Status.running and ws.name != name
-                   for ws in self.scheduler.workers.values())
+        """Is a worker other than ``name`` registered and not being retired: one that can
+        take data?"""
+        return any(n != name and n not in self._retiring for n in self._addresses)
 
     def _warn_waiting(self, now: float) -> None:
         """Say so when invocations do not turn into workers (unreachable, or throttled)."""
