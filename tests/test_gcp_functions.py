@@ -521,3 +521,56 @@ def test_no_instance_at_all_fails_the_waiting_computation_then_recovers(emulator
         if holder is not None:
             holder.close()
     assert wait_no_busy(emulator, cluster.function_name) == []
+
+
+def test_workers_that_cannot_reach_a_running_scheduler_are_failures(emulator):
+    """The path from the functions to a running scheduler refuses them (its start check
+    went through): each worker ends as scheduler-unreachable after the grace, which for a
+    running cluster is a failure, so the crash-loop limit ends the wait with the reason."""
+    import socket
+    import threading
+    import time
+
+    from distributed import Client
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    from dask_lithops.failures import WorkerFailureError
+    from dask_lithops.serverless import ServerlessCluster
+
+    class AcceptOnce:  # the start check's dial goes through; every later one is refused
+        def __init__(self, host):
+            self.listener = socket.create_server((host, 0))
+            self.port = self.listener.getsockname()[1]
+            threading.Thread(target=self._serve, daemon=True).start()
+
+        def _serve(self):
+            conn, _ = self.listener.accept()
+            self.listener.close()
+            conn.close()
+
+    class PathGoneCluster(ServerlessCluster):
+        path = None
+
+        @property
+        def worker_scheduler_address(self):
+            scheme, location = parse_address(super().worker_scheduler_address)
+            host, _ = parse_host_port(location)
+            if self.path is None:
+                self.path = AcceptOnce(host)
+            return f"{scheme}://{host}:{self.path.port}"
+
+    cluster = PathGoneCluster(
+        backend="gcp_functions", endpoint_url=emulator.endpoint_url,
+        credentials_path=str(emulator.credentials_file), project_name=emulator.project,
+        region=emulator.region, contact_address=host_address(emulator), runtime_memory=1024,
+        runtime_timeout=120, extra_packages=EXTRA, dashboard_address=None)
+    with cluster, Client(cluster) as client:
+        cluster.scale(1)
+        start = time.monotonic()
+        with pytest.raises(WorkerFailureError) as info:
+            client.submit(lambda x: x + 1, 1).result(timeout=120)
+        assert time.monotonic() - start < 60
+        assert "could not reach the scheduler" in str(info.value)
+        assert {f.kind for f in cluster.worker_failures} == {"error"}
+        assert len(cluster.worker_failures) == cluster.crash_loop_limit
+    assert wait_no_busy(emulator, cluster.function_name) == []

@@ -610,7 +610,13 @@ class ServerlessCluster(LithopsCluster):
         if report.get("reason") == "throttled":
             self._throttled(name, report)
             return
-        failed = report.get("reason") == "error"
+        if report.get("reason") == "scheduler-unreachable" and self.status == Status.running:
+            # planned for a closed cluster; here the scheduler runs: the path to it refuses
+            report = {**report, "error": f"it could not reach the scheduler at "
+                      f"{self.worker_scheduler_address} (refused, or no answer), which the "
+                      "cluster's start check reached: has the path from the functions to "
+                      "it changed (a firewall, a forwarder on the way)?"}
+        failed = report.get("reason") in ("error", "scheduler-unreachable")
         if failed and self.status == Status.running:
             logger.warning("worker %s: invocation failed%s: %s", name,
                            " before the worker started" if never_joined else "",
