@@ -398,7 +398,8 @@ async def refused_for(address: str, security, grace: float = REFUSED_GRACE,
             refused_since = now
         elif now - refused_since >= grace:
             return
-        await asyncio.sleep(_DIAL_INTERVAL)
+        # a scheduler that answers logs each probe ("closed before handshake"): fewer then
+        await asyncio.sleep(_DIAL_INTERVAL if outcome == "refused" else grace / 2)
 
 
 async def _start_unless_refused(server, payload: LaunchPayload, security) -> bool:
