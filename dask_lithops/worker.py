@@ -416,6 +416,12 @@ async def _start_unless_refused(server, payload: LaunchPayload, security) -> boo
         await asyncio.wait([starting, refused], return_when=asyncio.FIRST_COMPLETED)
     finally:
         refused.cancel()
+    if not starting.done() and refused.done() and not refused.cancelled() and \
+            refused.exception() is not None:
+        # the probe itself broke (an address it cannot dial): the start alone decides
+        logger.debug("probing scheduler %s failed: %r", payload.scheduler_address,
+                     refused.exception())
+        await starting
     if starting.done():
         starting.result()  # its error, if any
         return True
