@@ -342,3 +342,36 @@ def test_throttled_invokes_wait_for_capacity_and_are_not_crashes(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR
                 and r.name.startswith("dask_lithops")]
     assert no_invocation_left(emulator, fn)
+
+
+def test_invocations_queued_over_concurrency_fail_the_waiting_computation(
+        emulator, runtime_package):
+    """Lambda queues Event invocations over the concurrency available (here the function's
+    reserved concurrency is 0) instead of refusing them: with no worker running, the
+    waiting computation fails after worker_start_timeout naming the limit and the fix;
+    once there is capacity the queued worker starts and the cluster computes."""
+    sleep_then, _ = task_functions()
+    cluster = make_cluster(emulator, runtime_memory=576, worker_start_timeout=10)
+    fn = cluster.function_name
+    lam = emulator.client()
+    with cluster, Client(cluster) as client:
+        lam.put_function_concurrency(FunctionName=fn, ReservedConcurrentExecutions=0)
+        try:
+            cluster.scale(1)
+            start = time.monotonic()
+            with pytest.raises(WorkerFailureError) as info:
+                client.submit(sleep_then, 0.1, 5, pure=False).result(timeout=60)
+            elapsed = time.monotonic() - start
+            message = str(info.value)
+            assert "no worker has started within worker_start_timeout (10s)" in message
+            assert "reserved concurrency" in message and "raise worker_start_timeout" in message
+            assert 10 <= elapsed < 10 + 10, elapsed
+            assert cluster.worker_failures == []  # waiting for capacity is not a crash
+            assert [i.status for i in emulator.invocations(fn) if i.kind == "Event"] == \
+                ["queued"]
+        finally:
+            lam.delete_function_concurrency(FunctionName=fn)
+        # capacity again: the queued invocation starts, computations wait for it again
+        assert client.submit(sleep_then, 0.1, 7, pure=False).result(timeout=60) == 7
+        assert len(client.scheduler_info()["workers"]) == 1
+    assert no_invocation_left(emulator, fn)

@@ -332,7 +332,7 @@ class ServerlessCluster(LithopsCluster):
         self.throttled = 0  # worker invocations the platform refused for want of capacity
         self._throttle_retries: set[asyncio.Task] = set()
         self._throttled_alone_since: float | None = None  # throttled, no worker registered
-        self._throttle_failed = False  # the waiting computations failed for it
+        self._waiting_failed = False  # the waiting computations failed: no worker starts
         self._unreachable_warned = False
         kwargs.setdefault("lifetime", None)
         super().__init__(
@@ -651,9 +651,9 @@ class ServerlessCluster(LithopsCluster):
         elif self._throttled_alone_since is None:
             self._throttled_alone_since = now
         elif now - self._throttled_alone_since >= self.worker_start_timeout and \
-                not self._throttle_failed:
-            self._throttle_failed = True
-            task = asyncio.ensure_future(self._fail_waiting_throttled(report))
+                not self._waiting_failed:
+            self._waiting_failed = True
+            task = asyncio.ensure_future(self._fail_waiting(self._throttled_message(report)))
             self._throttle_retries.add(task)
             task.add_done_callback(self._throttle_retries.discard)
         if self.throttled == 1:
@@ -670,8 +670,8 @@ class ServerlessCluster(LithopsCluster):
         self._throttle_retries.add(task)
         task.add_done_callback(self._throttle_retries.discard)
 
-    async def _fail_waiting_throttled(self, report: dict) -> None:
-        message = (
+    def _throttled_message(self, report: dict) -> str:
+        return (
             f"no worker could start within worker_start_timeout "
             f"({self.worker_start_timeout:.0f}s): {self.backend.name} refused every "
             f"invocation for want of capacity "
@@ -679,6 +679,10 @@ class ServerlessCluster(LithopsCluster):
             f"function's max instances or the account's concurrency limit, or run fewer "
             f"workers elsewhere on it ({self.backend.key('max_workers')}); the cluster "
             f"keeps invoking its workers every {THROTTLED_RETRY:.0f}s")
+
+    async def _fail_waiting(self, message: str) -> None:
+        """No worker can start: fail the computations waiting for workers (and those that
+        come later, until a worker joins) with ``message``."""
         logger.error("%s: computations waiting for workers fail until one starts", message)
         try:
             await asyncio.wait_for(getattr(self.scheduler_comm, FAIL_WAITING_OP)(
@@ -714,7 +718,7 @@ class ServerlessCluster(LithopsCluster):
 
     def _on_worker_added(self, name: str, address: str) -> None:
         self._addresses[name] = address
-        self._throttled_alone_since, self._throttle_failed = None, False
+        self._throttled_alone_since, self._waiting_failed = None, False
         invocation = self._invocations.get(name)
         if invocation is not None:
             invocation.joined = True
@@ -908,12 +912,35 @@ class ServerlessCluster(LithopsCluster):
             logger.warning("no worker registered within worker_start_timeout (%.0fs) of its "
                            "invocation: %s", self.worker_start_timeout,
                            reachability.explain(self.backend, self.dial_targets()))
+        if waiting and not self._addresses and not self._waiting_failed and \
+                self.status == Status.running:
+            # none of the cluster's workers runs, and its invocations have not started
+            # within worker_start_timeout: Lambda queues Event invocations over the
+            # function's reserved or the account's concurrency (it does not refuse them),
+            # for hours; computations must not wait that long in silence
+            self._waiting_failed = True
+            task = asyncio.ensure_future(self._fail_waiting(self._not_started_message(waiting)))
+            self._throttle_retries.add(task)
+            task.add_done_callback(self._throttle_retries.discard)
         if waiting and len(waiting) != self.throttle_warnings:
             self.throttle_warnings = len(waiting)
             logger.warning(
                 "%d worker invocations have not started after %.0fs (throttled by the "
                 "function's or account's concurrency limit?): %s", len(waiting),
                 self.worker_start_timeout, ", ".join(sorted(waiting)[:10]))
+
+    def _not_started_message(self, waiting: list) -> str:
+        return (
+            f"no worker has started within worker_start_timeout "
+            f"({self.worker_start_timeout:.0f}s) of its invocation ({len(waiting)} "
+            f"invocations of {self.function_name} waiting): the platform holds invocations "
+            f"over the function's reserved concurrency or the account's concurrency limit "
+            f"in its queue (other functions or clusters may use it all), or cold starts take "
+            f"longer than that. Fix: free or raise the concurrency available to "
+            f"{self.function_name} (its reserved concurrency, the account's limit), run fewer "
+            f"workers "
+            f"({self.backend.key('max_workers')}), or raise worker_start_timeout; the "
+            f"invocations stay queued and computations wait for workers again once one joins")
 
     # ------------------------------------------------------------------ usage
 
