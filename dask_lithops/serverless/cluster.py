@@ -913,7 +913,8 @@ class ServerlessCluster(LithopsCluster):
                            "invocation: %s", self.worker_start_timeout,
                            reachability.explain(self.backend, self.dial_targets()))
         if waiting and not self._addresses and not self._waiting_failed and \
-                self.status == Status.running:
+                self._throttled_alone_since is None and self.status == Status.running:
+            # (refused invocations, when the platform refuses: see _throttled)
             # none of the cluster's workers runs, and its invocations have not started
             # within worker_start_timeout: Lambda queues Event invocations over the
             # function's reserved or the account's concurrency (it does not refuse them),
