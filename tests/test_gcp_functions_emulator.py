@@ -321,9 +321,13 @@ def test_cli_starts_and_stops_the_emulator(tmp_path):
     import subprocess
     import sys
 
+    from dask_lithops.testing.sandbox import sandbox_unavailable
+
+    unreachable = sandbox_unavailable() is None  # --no-host-reachable needs the sandbox
     proc = subprocess.Popen(
         [sys.executable, "-m", "dask_lithops.testing.lambda_emulator.cli", "start", "--cloud",
-         "gcp", "--project", "cli-project", "--log-dir", str(tmp_path)],
+         "gcp", "--project", "cli-project", "--log-dir", str(tmp_path)]
+        + (["--no-host-reachable"] if unreachable else []),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
@@ -333,6 +337,11 @@ def test_cli_starts_and_stops_the_emulator(tmp_path):
                 break
         out = "".join(lines)
         assert "Cloud Run functions emulator listening at" in out, out
+        if unreachable:
+            assert "(unreachable: --no-host-reachable)" in out, out
+            status = requests.get(out.split("listening at ")[1].split()[0]
+                                  + "/_emulator/status").json()
+            assert status["host_reachable"] is False and status["sandboxed"] is True
         key = line.strip().split("=", 1)[1]
         info = json.load(open(key))
         assert info["type"] == "service_account" and info["project_id"] == "cli-project"
