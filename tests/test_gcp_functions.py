@@ -574,3 +574,63 @@ def test_workers_that_cannot_reach_a_running_scheduler_are_failures(emulator):
         assert {f.kind for f in cluster.worker_failures} == {"error"}
         assert len(cluster.worker_failures) == cluster.crash_loop_limit
     assert wait_no_busy(emulator, cluster.function_name) == []
+
+
+# ------------------------------------------------------ a client Cloud Run cannot dial
+
+
+@pytest.fixture(scope="module")
+def unreachable_emulator(tmp_path_factory):
+    """An emulator with host_reachable=False (a laptop behind NAT, as Cloud Run sees it) and
+    the runtime's function deployed in it: (emulator, function name)."""
+    from dask_lithops.serverless.backends.gcp_functions.backend import GCPFunctionsBackend
+    from dask_lithops.testing.sandbox import sandbox_unavailable
+
+    reason = sandbox_unavailable()
+    if reason:
+        pytest.skip(f"host_reachable=False needs the network sandbox: {reason}")
+    emulator_module = pytest.importorskip("dask_lithops.testing.gcp_functions_emulator")
+    with emulator_module.CloudFunctionsEmulator(
+            project="test-project", region="us-central1", host_reachable=False,
+            idle_timeout=60, log_dir=tmp_path_factory.mktemp("gcf-unreachable")) as emu:
+        backend = GCPFunctionsBackend(GCPFunctionsBackend.resolve_config(
+            endpoint_url=emu.endpoint_url, credentials_path=str(emu.credentials_file),
+            project_name=emu.project, region=emu.region, runtime_memory=1024,
+            runtime_timeout=120, extra_packages=EXTRA))
+        pkg = backend.build_runtime()
+        backend.deploy_runtime(pkg, 1024, 120)
+        yield emu, backend.get_runtime_key(pkg.name, 1024, pkg.version)
+
+
+def test_local_scheduler_unreachable_fails_fast_with_the_fix(unreachable_emulator):
+    """scheduler="local" on a host Cloud Run cannot dial: a clear error within
+    worker_start_timeout, before any worker request, and nothing left running."""
+    import re
+    import threading
+    import time
+
+    from dask_lithops.serverless.reachability import SchedulerUnreachable
+
+    emu, fn = unreachable_emulator
+    threads = {t.name for t in threading.enumerate()}
+    t0 = time.monotonic()
+    with pytest.raises(SchedulerUnreachable) as info:
+        make_cluster(emu, scheduler="local", n_workers=2, worker_start_timeout="15s")
+    assert time.monotonic() - t0 < 15
+    msg = str(info.value)
+    host = re.escape(emu.host_address)
+    assert re.search(rf"the scheduler at {host}:\d+ \(no answer within 5s\)", msg), msg
+    assert re.search(rf"the relay at {host}:\d+ \(no answer within 5s\)", msg), msg
+    assert 'scheduler="aws_ec2"' in msg and "contact_address" in msg, msg
+    assert "vpc_connector" in msg, msg
+    # the function answered two requests (its versions, the dial check): no worker's
+    assert [r.status for r in worker_requests(emu, fn)] == [200, 200]
+    assert wait_no_busy(emu, fn) == []
+    # the scheduler and the relay were closed, no invoke thread is left
+    deadline = time.monotonic() + 10
+    while [t for t in threading.enumerate()
+           if t.name not in threads and t.is_alive() and "invoke" in t.name]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(1)
+    assert len(worker_requests(emu, fn)) == 2  # and none came later

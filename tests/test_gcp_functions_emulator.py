@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import os
+import socket
 import time
 import zipfile
 
@@ -38,6 +39,15 @@ def handle(request):
         for b in blocks:
             for i in range(0, len(b), 4096):
                 b[i] = 1
+    if d.get("dial"):
+        out = {}
+        for host, port in d["dial"]:
+            try:
+                socket.create_connection((host, port), timeout=d["timeout"]).close()
+                out[f"{host}:{port}"] = None
+            except OSError as e:
+                out[f"{host}:{port}"] = type(e).__name__
+        return {"dial": out}
     if d.get("read"):
         try:
             return {"read": open(d["read"]).read()}
@@ -311,9 +321,13 @@ def test_cli_starts_and_stops_the_emulator(tmp_path):
     import subprocess
     import sys
 
+    from dask_lithops.testing.sandbox import sandbox_unavailable
+
+    unreachable = sandbox_unavailable() is None  # --no-host-reachable needs the sandbox
     proc = subprocess.Popen(
         [sys.executable, "-m", "dask_lithops.testing.lambda_emulator.cli", "start", "--cloud",
-         "gcp", "--project", "cli-project", "--log-dir", str(tmp_path)],
+         "gcp", "--project", "cli-project", "--log-dir", str(tmp_path)]
+        + (["--no-host-reachable"] if unreachable else []),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
@@ -323,6 +337,11 @@ def test_cli_starts_and_stops_the_emulator(tmp_path):
                 break
         out = "".join(lines)
         assert "Cloud Run functions emulator listening at" in out, out
+        if unreachable:
+            assert "(unreachable: --no-host-reachable)" in out, out
+            status = requests.get(out.split("listening at ")[1].split()[0]
+                                  + "/_emulator/status").json()
+            assert status["host_reachable"] is False and status["sandboxed"] is True
         key = line.strip().split("=", 1)[1]
         info = json.load(open(key))
         assert info["type"] == "service_account" and info["project_id"] == "cli-project"
@@ -367,3 +386,84 @@ def test_stop_leaves_no_instance_namespace_or_directory(tmp_path):
     assert not os.path.exists(made["workdir"])
     if made["cgroup"]:
         assert not os.path.exists(made["cgroup"])
+
+
+# ------------------------------------------------------------ host_reachable=False
+
+
+@pytest.fixture(scope="module")
+def unreachable_emulator(tmp_path_factory):
+    """An emulator whose instances cannot dial this host (a client behind NAT)."""
+    from dask_lithops.testing.gcp_functions_emulator import CloudFunctionsEmulator
+    from dask_lithops.testing.sandbox import sandbox_unavailable
+
+    reason = sandbox_unavailable()
+    if reason:
+        pytest.skip(f"host_reachable=False needs the network sandbox: {reason}")
+    with CloudFunctionsEmulator(host_reachable=False, idle_timeout=120,
+                                log_dir=tmp_path_factory.mktemp("gcf-unreachable")) as emu:
+        yield emu
+
+
+def host_listeners(emu) -> list[socket.socket]:
+    """Listening sockets on this host's addresses an instance would dial: the address the
+    sandboxes reach it at, and another of its addresses (not a bridge of the emulators)."""
+    import subprocess
+
+    addresses = [emu.host_address]
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"],
+                         capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        dev, addr = line.split()[1], line.split()[3].split("/")[0]
+        if not dev.startswith("dl") and addr not in addresses:
+            addresses.append(addr)
+            break
+    return [socket.create_server((a, 0)) for a in addresses]
+
+
+def dial_from_a_function(emu, listeners) -> dict:
+    """What a function's own ``socket.create_connection`` to each listener gave."""
+    creds = service_account.Credentials.from_service_account_file(
+        str(emu.credentials_file), scopes=SCOPES)
+    op = deploy(emu, gtr.AuthorizedSession(creds), "dialer")
+    assert "error" not in op, op
+    uri = op["response"]["serviceConfig"]["uri"]
+    targets = [s.getsockname()[:2] for s in listeners]
+    r = caller(emu, uri).post(uri, json={"dial": targets, "timeout": 3})
+    assert r.status_code == 200, r.text
+    return r.json()["dial"]
+
+
+def test_instances_dial_the_host_by_default(gcp_functions_emulator):  # noqa: F811
+    listeners = host_listeners(gcp_functions_emulator)
+    try:
+        got = dial_from_a_function(gcp_functions_emulator, listeners)
+    finally:
+        for s in listeners:
+            s.close()
+    assert got and all(v is None for v in got.values()), got
+
+
+def test_host_reachable_false_instances_cannot_dial_the_host(unreachable_emulator):
+    """Requests still reach the instance (inbound); its connections to the host do not."""
+    emu = unreachable_emulator
+    assert emu.sandboxed and not emu.host_reachable
+    listeners = host_listeners(emu)
+    try:
+        got = dial_from_a_function(emu, listeners)
+    finally:
+        for s in listeners:
+            s.close()
+    assert len(got) == len(listeners) >= 1
+    assert all(v == "TimeoutError" for v in got.values()), got  # dropped, not refused
+    status = requests.get(f"{emu.endpoint_url}/_emulator/status").json()
+    assert status["host_reachable"] is False and status["sandboxed"] is True
+
+
+def test_host_reachable_false_without_the_sandbox_is_a_clear_error(tmp_path):
+    from dask_lithops.testing.gcp_functions_emulator import CloudFunctionsEmulator
+
+    emu = CloudFunctionsEmulator(sandbox=False, host_reachable=False, log_dir=tmp_path)
+    with pytest.raises(RuntimeError, match=r"host_reachable=False needs the network sandbox"):
+        emu.start()
+    assert not emu.started and not emu.workdir.exists()

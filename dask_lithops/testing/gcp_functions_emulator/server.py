@@ -69,6 +69,12 @@ class CloudFunctionsEmulator(InstanceManager, EmulatorServer):
         Run every instance in an outbound-only network namespace (the front end
         reaches its port; nothing else can).  ``None`` (default) does so when
         possible and says once when it cannot; ``True`` requires it.
+    host_reachable:
+        ``False``: instances open no connection to any address of this host -- a
+        client behind NAT as seen from Cloud Run -- while they still reach other
+        namespaces ("the internet").  Requests reach them as before (inbound, from
+        the front end).  Nothing of the host is let through: the function's runtime
+        calls no Google endpoint (no metadata server, no API).  Needs the sandbox.
     idle_timeout:
         Seconds an idle instance is kept before it is stopped.
     host, port:
@@ -96,11 +102,13 @@ class CloudFunctionsEmulator(InstanceManager, EmulatorServer):
                  host: str = "127.0.0.1", port: int = 0,
                  log_dir: str | os.PathLike | None = None,
                  build_cache: str | os.PathLike | None = None, prewarm: int = 2,
-                 startup_timeout: float = 60.0, isolate_filesystem: bool | None = None):
+                 startup_timeout: float = 60.0, isolate_filesystem: bool | None = None,
+                 host_reachable: bool = True):
         tag = uuid.uuid4().hex[:8]
         self._init_server(Sandboxes(tag, sandbox, prewarm, "Cloud Run functions emulator",
-                                    inbound_ports=(8080,)),
+                                    inbound_ports=(8080,), host_reachable=bool(host_reachable)),
                           tag, host, port, log_dir, idle_timeout, isolate_filesystem)
+        self.host_reachable = bool(host_reachable)
         self.project, self.region = project, region
         self.startup_timeout = float(startup_timeout)
         self.build_cache = build_cache
@@ -129,6 +137,9 @@ class CloudFunctionsEmulator(InstanceManager, EmulatorServer):
         self.credentials_file = self.workdir / "service-account.json"
         write_key_file(self.credentials_file, self.auth.service_account_info(
             self.auth.token_uri))
+
+    def _status_fields(self) -> dict:
+        return {**super()._status_fields(), "host_reachable": self.host_reachable}
 
     @property
     def parent(self) -> str:

@@ -25,9 +25,9 @@ def emulator():
               help="Run environments in outbound-only network namespaces "
                    "(default: when root with ip/nft available).")
 @click.option("--host-reachable/--no-host-reachable", default=True, show_default=True,
-              help="aws: --no-host-reachable keeps functions from reaching any address of this "
-                   "host but Lambda's own endpoints and --aws-endpoint-url (a client behind "
-                   "NAT, as seen from Lambda).")
+              help="--no-host-reachable keeps functions from reaching any address of this "
+                   "host (aws: but Lambda's own endpoints and --aws-endpoint-url) -- a client "
+                   "behind NAT, as seen from the cloud.  Needs the sandbox.")
 @click.option("--aws-endpoint-url", default=None,
               help="aws: the test world's AWS endpoint (moto): functions get their execution "
                    "role's credentials from its STS and reach it as AWS_ENDPOINT_URL.")
@@ -53,7 +53,7 @@ def start(cloud, host, port, sandbox, host_reachable, aws_endpoint_url, account_
     try:
         if cloud == "gcp":
             _serve_gcp(stop, host, port, sandbox, idle_timeout, log_dir,
-                       region or "us-central1", project)
+                       region or "us-central1", project, host_reachable)
         else:
             _serve_aws(stop, host, port, sandbox, account_concurrency, idle_timeout, log_dir,
                        region or "us-east-1", host_reachable, aws_endpoint_url)
@@ -62,12 +62,16 @@ def start(cloud, host, port, sandbox, host_reachable, aws_endpoint_url, account_
             signal.signal(s, h)
 
 
-def _serve_gcp(stop, host, port, sandbox, idle_timeout, log_dir, region, project):
+def _serve_gcp(stop, host, port, sandbox, idle_timeout, log_dir, region, project,
+               host_reachable):
     from ..gcp_functions_emulator import CloudFunctionsEmulator
 
     emu = CloudFunctionsEmulator(project, region, sandbox=sandbox, idle_timeout=idle_timeout,
-                                 host=host, port=port, log_dir=log_dir)
+                                 host=host, port=port, log_dir=log_dir,
+                                 host_reachable=host_reachable)
     _serve(stop, emu, [f"project / region: {project} / {region}"], lambda: [
+        f"host address seen from functions: {emu.host_address}"
+        + ("" if emu.host_reachable else " (unreachable: --no-host-reachable)"),
         f"instance logs: {emu.log_dir}",
         f"export GOOGLE_APPLICATION_CREDENTIALS={emu.credentials_file}",
         f"API base: {emu.endpoint_url}/v2/projects/{project}/locations/{region}"])
