@@ -375,3 +375,46 @@ def test_invocations_queued_over_concurrency_fail_the_waiting_computation(
         assert client.submit(sleep_then, 0.1, 7, pure=False).result(timeout=60) == 7
         assert len(client.scheduler_info()["workers"]) == 1
     assert no_invocation_left(emulator, fn)
+
+
+def test_p2p_shuffle_longer_than_the_rotations_fails_naming_the_fix(emulator, runtime_package):
+    """A p2p shuffle restarts whenever a worker taking part retires; one longer than the time
+    between two rotations would restart forever.  It fails after SHUFFLE_RESTARTS with the
+    fix, and the fix it names (the task-based shuffle) computes the same under rotation."""
+    import dask
+    import dask.dataframe as dd
+    import numpy as np
+    import pandas as pd
+
+    from dask_lithops.serverless.cluster import SHUFFLE_RESTARTS
+
+    def slow(df):
+        import time
+
+        time.sleep(0.5)
+        return df
+
+    pdf = pd.DataFrame({"k": np.arange(6000) % 37, "v": np.arange(6000.0)})
+    ddf = dd.from_pandas(pdf, npartitions=60).map_partitions(slow)
+    expected = pdf.groupby("k").v.sum().sort_index()
+    # the lifetime test's function (1024 MB, 20 s): a worker retires every ~5 s of 3
+    cluster = make_cluster(emulator, runtime_timeout=20)
+    with cluster, Client(cluster) as client:
+        cluster.scale(3)
+        client.wait_for_workers(3, timeout=60)
+        start = time.monotonic()
+        with dask.config.set({"dataframe.shuffle.method": "p2p"}), \
+                pytest.raises(WorkerFailureError) as info:
+            ddf.shuffle("k").map_partitions(slow).groupby("k").v.sum().compute()
+        elapsed = time.monotonic() - start
+        message = str(info.value)
+        assert f"restarted {SHUFFLE_RESTARTS} times" in message, message
+        assert "'dataframe.shuffle.method': 'tasks'" in message and "runtime_timeout" in message
+        records = cluster.usage()["workers"]
+        starts = sum(r["registered"] - r["invoked"] for r in records if r["registered"])
+        assert elapsed < 2 * cluster.worker_lifetime + starts + 10, (elapsed, starts)
+        # the named fix: the task-based shuffle survives the same rotations
+        with dask.config.set({"dataframe.shuffle.method": "tasks"}):
+            got = ddf.shuffle("k").map_partitions(slow).groupby("k").v.sum().compute()
+        pd.testing.assert_series_equal(got.sort_index(), expected, check_names=False)
+        assert len(cluster.usage_tracker.records) > 3 + 3  # workers did rotate meanwhile

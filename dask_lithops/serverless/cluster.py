@@ -35,7 +35,7 @@ from dask_lithops.cluster import (
     WorkerLaunchError,
     inherited_config,
 )
-from dask_lithops.failures import FAIL_WAITING_OP, PLUGIN_NAME, describe
+from dask_lithops.failures import FAIL_WAITING_OP, PLUGIN_NAME, WorkerFailure, describe
 from dask_lithops.payload import (
     LaunchPayload,
     RuntimeMismatch,
@@ -60,6 +60,7 @@ __all__ = ["BACKENDS", "FunctionWorker", "PayloadTooLarge", "ServerlessCluster",
 _STOP_WAIT = 15.0  # for a stopped worker's exit report
 _END_WAIT = 5.0  # then for its invocation to return (a held request), before cutting it off
 LIFETIME_ATTEMPTS = 2  # workers a task may outlive before it fails (it cannot finish in time)
+SHUFFLE_RESTARTS = 3  # rotations a p2p shuffle may be restarted by before it fails
 THROTTLED_RETRY = 10.0  # seconds before a worker the platform refused is invoked again
 _GOLDEN = 0.6180339887498949
 _PAYLOAD_FIELDS = tuple(f.name for f in dataclasses.fields(LaunchPayload))
@@ -156,6 +157,28 @@ def drain_on_scheduler(name: str, dask_scheduler=None) -> list:
                     Status.closing_gracefully, ws, stimulus_id=f"dask-lithops-rotate-{name}")
             return [ts.key for ts in ws.processing]
     return []
+
+
+def p2p_shuffles_on(name: str, dask_scheduler=None) -> list:
+    """(Runs on the scheduler.) Ids of the active p2p shuffles worker ``name`` takes part
+    in: retiring it restarts them (distributed's shuffle plugin does)."""
+    addresses = {ws.address for ws in dask_scheduler.workers.values() if str(ws.name) == name}
+    plugin = dask_scheduler.plugins.get("shuffle")
+    try:
+        return [sid for sid, state in plugin.active_shuffles.items()
+                if set(state.participating_workers) & addresses]
+    except AttributeError:  # no p2p extension (or one of another shape): nothing to count
+        return []
+
+
+def p2p_restarted_keys(shuffle_id: str, dask_scheduler=None) -> list:
+    """(Runs on the scheduler.) The tasks of a restarted p2p shuffle that are running or
+    waiting to run again (its transfer tasks, its barrier): failing them fails the shuffle."""
+    barrier = dask_scheduler.tasks.get(f"shuffle-barrier-{shuffle_id}")
+    if barrier is None:
+        return []
+    return [ts.key for ts in (*barrier.dependencies, barrier)
+            if ts.state in ("no-worker", "queued", "processing")]
 
 
 class ServerlessCluster(LithopsCluster):
@@ -323,6 +346,7 @@ class ServerlessCluster(LithopsCluster):
         self._retiring: dict[str, FunctionWorker] = {}
         self._invocations: dict[str, Invocation] = {}  # worker name -> its invocation
         self._lifetime_attempts: dict = {}  # task key -> workers it outlived
+        self._shuffle_restarts: dict = {}  # p2p shuffle id -> rotations that restarted it
         self._rotation_task: asyncio.Task | None = None
         self._report_task: asyncio.Task | None = None
         self._payload_template: LaunchPayload | None = None
@@ -847,10 +871,15 @@ class ServerlessCluster(LithopsCluster):
             if running and self.status == Status.running:
                 await self._tasks_outlived_worker(name, running)
             # 3. retire: its data moves to peers, then it closes and its invocation returns
+            #    (the p2p shuffles it takes part in restart: counted, bounded)
+            shuffles = []
             if name in self._addresses and self.status == Status.running:
+                shuffles = await self._run_on_scheduler(p2p_shuffles_on, name)
                 await self.scheduler_comm.retire_workers(
                     names=[name], close_workers=True, remove=True,
                     stimulus_id=f"dask-lithops-rotate-{name}-{uuid.uuid4().hex[:6]}")
+            if shuffles and self.status == Status.running:
+                await self._shuffles_outlived_worker(name, shuffles)
             await old.close()
         except Exception:
             logger.exception("rotating out worker %s failed", name)
@@ -881,6 +910,42 @@ class ServerlessCluster(LithopsCluster):
                 message=str(failure), keys=over), 10)
         except Exception as e:
             logger.warning("could not fail tasks %s: %s", over, e)
+
+    async def _shuffles_outlived_worker(self, name: str, shuffle_ids: list) -> None:
+        """Retiring ``name`` restarted these p2p shuffles (distributed restarts a shuffle
+        when a worker taking part leaves).  A shuffle longer than the time between two
+        rotations would restart forever: after ``SHUFFLE_RESTARTS`` it fails, naming the
+        fix."""
+        over = []
+        for sid in shuffle_ids:
+            self._shuffle_restarts[sid] = self._shuffle_restarts.get(sid, 0) + 1
+            if self._shuffle_restarts[sid] >= SHUFFLE_RESTARTS:
+                over.append(sid)
+        if not over:
+            logger.warning("worker %s retired before its function's timeout during p2p "
+                           "shuffle %s, which restarts", name, ", ".join(shuffle_ids))
+            return
+        every = self.worker_lifetime / max(1, len(self.worker_spec))
+        failure = WorkerFailure(
+            name, "timeout",
+            f"p2p shuffle {over[0]} was restarted {SHUFFLE_RESTARTS} times because workers "
+            f"taking part reached the end of their lifetime (function timeout "
+            f"{self.timeout}s; with {len(self.worker_spec)} workers one retires about every "
+            f"{every:.0f}s): it takes longer than the time between two rotations",
+            "use the task-based shuffle, which survives rotations: dask.config.set("
+            "{'dataframe.shuffle.method': 'tasks', 'array.rechunk.method': 'tasks'}); or "
+            f"raise runtime_timeout (up to the backend's limit of "
+            f"{self.backend.max_timeout}s); or use StandaloneCluster",
+            detail={"shuffles": over, "timeout": self.timeout})
+        self._record(failure)
+        keys = []
+        for sid in over:
+            keys += await self._run_on_scheduler(p2p_restarted_keys, sid)
+        try:
+            await asyncio.wait_for(getattr(self.scheduler_comm, FAIL_WAITING_OP)(
+                message=str(failure), keys=keys), 10)
+        except Exception as e:
+            logger.warning("could not fail p2p shuffle %s: %s", over, e)
 
     async def _run_on_scheduler(self, function, *args):
         """``function(*args, dask_scheduler=...)`` where the scheduler runs: here, or on its
