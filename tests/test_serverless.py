@@ -265,7 +265,8 @@ def test_adapt_from_zero_and_back(emulator, runtime_package):
 
 
 def test_rotation_outlives_the_function_timeout(emulator, runtime_package):
-    """runtime_timeout=20s, computation > 80s: workers rotate, no key is lost or recomputed."""
+    """runtime_timeout=20s, computation > 50s: workers rotate (each slot 3 times: the
+    15 s lifetime), no key is lost or recomputed."""
     import numpy as np
 
     cluster = make_cluster(emulator, runtime_memory=1152, runtime_timeout=20)
@@ -282,18 +283,18 @@ def test_rotation_outlives_the_function_timeout(emulator, runtime_package):
         client.wait_for_workers(2, timeout=60)
         t0 = time.monotonic()
         futures = [client.submit(np.zeros, 10_000, dtype="int64", pure=False)]
-        for i in range(1, 85):
+        for i in range(1, 52):
             futures.append(client.submit(step, futures[-1], i, pure=False))
         results = client.gather(futures)
         elapsed = time.monotonic() - t0
-        assert elapsed >= 80
+        assert elapsed >= 50
         for i, r in enumerate(results):
             assert int(r[0]) == i * (i + 1) // 2
         assert max(counter.counts.values()) == 1, {
             k: v for k, v in counter.counts.items() if v > 1}
         assert len(cluster.worker_spec) == 2
         invocations = len(cluster.usage_tracker.records)
-        assert invocations >= 2 + 2 * 4  # each slot rotated at least 4 times
+        assert invocations >= 2 + 2 * 3  # each slot rotated at least 3 times
         # no invocation hit the platform's timeout: each retired itself in time
         timedout = [i for i in emulator.invocations(fn) if i.status == "timedout"]
         assert not timedout
