@@ -159,6 +159,13 @@ def drain_on_scheduler(name: str, dask_scheduler=None) -> list:
     return []
 
 
+def _count_toward(counts: dict, items, bound: int) -> list:
+    """One more for each of ``items`` in ``counts``; the items that reached ``bound``."""
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return [item for item in items if counts[item] >= bound]
+
+
 def p2p_shuffles_on(name: str, dask_scheduler=None) -> list:
     """(Runs on the scheduler.) Ids of the active p2p shuffles worker ``name`` takes part
     in: retiring it restarts them (distributed's shuffle plugin does)."""
@@ -708,11 +715,17 @@ class ServerlessCluster(LithopsCluster):
         """No worker can start: fail the computations waiting for workers (and those that
         come later, until a worker joins) with ``message``."""
         logger.error("%s: computations waiting for workers fail until one starts", message)
+        await self._fail_on_scheduler(message)
+
+    async def _fail_on_scheduler(self, message: str, keys: list | None = None) -> None:
+        """Fail ``keys`` (None: the tasks waiting for workers) with ``message``, through the
+        FailureMonitor wherever the scheduler runs."""
         try:
             await asyncio.wait_for(getattr(self.scheduler_comm, FAIL_WAITING_OP)(
-                message=message), 10)
+                message=message, keys=keys), 10)
         except Exception as e:
-            logger.warning("could not fail the computations waiting for workers: %s", e)
+            logger.warning("could not fail %s: %s", "the computations waiting for workers"
+                           if keys is None else f"tasks {keys[:5]}", e)
 
     async def _retry_throttled(self, name: str) -> None:
         await asyncio.sleep(THROTTLED_RETRY)
@@ -890,11 +903,7 @@ class ServerlessCluster(LithopsCluster):
         """Tasks still running when their worker must retire are restarted on another
         worker; a task that outlives ``LIFETIME_ATTEMPTS`` workers fails (it never ends
         within a function's time limit) instead of being retried forever."""
-        over = []
-        for key in keys:
-            self._lifetime_attempts[key] = self._lifetime_attempts.get(key, 0) + 1
-            if self._lifetime_attempts[key] >= LIFETIME_ATTEMPTS:
-                over.append(key)
+        over = _count_toward(self._lifetime_attempts, keys, LIFETIME_ATTEMPTS)
         if not over:
             logger.warning("worker %s retires before its function's timeout with %d tasks "
                            "still running: they start again on another worker", name, len(keys))
@@ -905,22 +914,14 @@ class ServerlessCluster(LithopsCluster):
                      f"{self.worker_lifetime:.0f}s each: {', '.join(map(str, over[:3]))})"},
             mode=self.mode, limits=self.failure_limits())
         self._record(failure)
-        try:
-            await asyncio.wait_for(getattr(self.scheduler_comm, FAIL_WAITING_OP)(
-                message=str(failure), keys=over), 10)
-        except Exception as e:
-            logger.warning("could not fail tasks %s: %s", over, e)
+        await self._fail_on_scheduler(str(failure), over)
 
     async def _shuffles_outlived_worker(self, name: str, shuffle_ids: list) -> None:
         """Retiring ``name`` restarted these p2p shuffles (distributed restarts a shuffle
         when a worker taking part leaves).  A shuffle longer than the time between two
         rotations would restart forever: after ``SHUFFLE_RESTARTS`` it fails, naming the
         fix."""
-        over = []
-        for sid in shuffle_ids:
-            self._shuffle_restarts[sid] = self._shuffle_restarts.get(sid, 0) + 1
-            if self._shuffle_restarts[sid] >= SHUFFLE_RESTARTS:
-                over.append(sid)
+        over = _count_toward(self._shuffle_restarts, shuffle_ids, SHUFFLE_RESTARTS)
         if not over:
             logger.warning("worker %s retired before its function's timeout during p2p "
                            "shuffle %s, which restarts", name, ", ".join(shuffle_ids))
@@ -941,11 +942,7 @@ class ServerlessCluster(LithopsCluster):
         keys = []
         for sid in over:
             keys += await self._run_on_scheduler(p2p_restarted_keys, sid)
-        try:
-            await asyncio.wait_for(getattr(self.scheduler_comm, FAIL_WAITING_OP)(
-                message=str(failure), keys=keys), 10)
-        except Exception as e:
-            logger.warning("could not fail p2p shuffle %s: %s", over, e)
+        await self._fail_on_scheduler(str(failure), keys)
 
     async def _run_on_scheduler(self, function, *args):
         """``function(*args, dask_scheduler=...)`` where the scheduler runs: here, or on its
