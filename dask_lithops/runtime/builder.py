@@ -351,9 +351,32 @@ def build_runtime(name: str = "default", *, extra_packages: list[str] | None = N
         return pkg
 
 
+def _too_big(name, unzipped, unzipped_limit, zip_limit, extra, reasons, built: str,
+             at_least: bool = False) -> RuntimeBuildError:
+    biggest = sorted(((sum(s.stat().st_size for s, _ in distribution_files(d)), n)
+                      for n, d in extra.items()), reverse=True)[:4]
+    return RuntimeBuildError(
+        f"runtime {name!r} is {'at least ' if at_least else ''}{unzipped / 2**20:.0f} MB "
+        f"unzipped{built}; Lambda allows {unzipped_limit / 2**20:.0f} "
+        f"MB unzipped for a function and its layers and {MAX_LAYERS} layers of "
+        f"{zip_limit / 2**20:.0f} MB zipped. Biggest extra packages: "
+        + ", ".join(f"{n} {s / 2**20:.0f} MB" for s, n in biggest)
+        + ". Remove packages from extra_packages"
+        + (", or drop dask's optional dependencies with package_sync=False "
+           "(lithops.runtime.package_sync)" if any(r == contents.DASK_OPTIONAL
+                                                   for r in reasons.values()) else "")
+        + ", or use a container image runtime (up to 10 GB).")
+
+
 def _assemble(name, version, python, architecture, core, extra, self_files, dists, tmp: Path,
               zip_limit, unzipped_limit, reasons=None) -> RuntimePackage:
     reasons = reasons or {}
+    # the files alone (before .pyc are added) already over the limit: say so before zipping
+    floor = sum(src.stat().st_size for d in (*core.values(), *extra.values())
+                for src, _ in distribution_files(d))
+    if floor > unzipped_limit:
+        raise _too_big(name, floor, unzipped_limit, zip_limit, extra, reasons,
+                       " (its files alone, before anything was built)", at_least=True)
     work = tmp / "pyc"
     work.mkdir()
     fz = _Zip(tmp / "function.zip")
@@ -385,19 +408,8 @@ def _assemble(name, version, python, architecture, core, extra, self_files, dist
             unzipped += sum(src.stat().st_size for src, _ in extra_files)
     total_zipped = (tmp / "function.zip").stat().st_size + sum(p.stat().st_size for p in layers)
     if len(layers) > MAX_LAYERS or unzipped > unzipped_limit:
-        biggest = sorted(((sum(s.stat().st_size for s, _ in distribution_files(d)), n)
-                          for n, d in extra.items()), reverse=True)[:4]
-        raise RuntimeBuildError(
-            f"runtime {name!r} is {unzipped / 2**20:.0f} MB unzipped ({len(layers)} layers, "
-            f"{total_zipped / 2**20:.0f} MB zipped); Lambda allows {unzipped_limit / 2**20:.0f} "
-            f"MB unzipped for a function and its layers and {MAX_LAYERS} layers of "
-            f"{zip_limit / 2**20:.0f} MB zipped. Biggest extra packages: "
-            + ", ".join(f"{n} {s / 2**20:.0f} MB" for s, n in biggest)
-            + ". Remove packages from extra_packages"
-            + (", or drop dask's optional dependencies with package_sync=False "
-               "(lithops.runtime.package_sync)" if any(r == contents.DASK_OPTIONAL
-                                                       for r in reasons.values()) else "")
-            + ", or use a container image runtime (up to 10 GB).")
+        raise _too_big(name, unzipped, unzipped_limit, zip_limit, extra, reasons,
+                       f" ({len(layers)} layers, {total_zipped / 2**20:.0f} MB zipped)")
     from dask_lithops.payload import runtime_key as client_key
 
     key = dict(client_key())
