@@ -789,21 +789,19 @@ class ServerlessCluster(LithopsCluster):
         self._exited.setdefault(name, asyncio.Event()).set()
 
     async def _close_registered(self, name: str) -> None:
+        """Close registered worker ``name`` (a planned stop: its running tasks go back to
+        the scheduler without counting toward allowed-failures), wherever the scheduler
+        runs.  Not retire_workers: the last worker has nowhere to move its data, and
+        retiring it would not close it."""
         addr = self._addresses.get(name)
-        if addr and self.remote_scheduler is not None:
-            try:
-                await asyncio.wait_for(self.scheduler_comm.retire_workers(
-                    names=[name], close_workers=True, remove=True,
-                    stimulus_id=f"dask-lithops-stop-{time.time()}"), _STOP_WAIT)
-            except Exception as e:
-                logger.debug("closing worker %s: %s", name, e)
+        if not addr:
             return
-        if addr and addr in self.scheduler.workers:
-            try:
-                await self.scheduler.remove_worker(
-                    addr, close=True, stimulus_id=f"dask-lithops-stop-{time.time()}")
-            except Exception as e:
-                logger.debug("closing worker %s: %s", name, e)
+        try:
+            await asyncio.wait_for(self.scheduler_comm.unregister(
+                address=addr, close=True, expected=True,
+                stimulus_id=f"dask-lithops-stop-{name}-{time.time()}"), _STOP_WAIT)
+        except Exception as e:
+            logger.debug("closing worker %s: %s", name, e)
 
     def _known_dead(self) -> set[str]:
         return {f.name for f in self.worker_failures}
