@@ -146,20 +146,7 @@ def test_no_package_sync_is_the_minimal_runtime(hosts, world_dirs):
 
 
 # -- Lambda ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def emulator():
-    pytest.importorskip("awslambdaric")
-    import os
-
-    if os.geteuid() != 0:
-        pytest.skip("the emulator's sandboxes need root")
-    from dask_lithops.testing.lambda_emulator import LambdaEmulator, sandbox_unavailable
-
-    reason = sandbox_unavailable()
-    if reason:
-        pytest.skip(f"Lambda emulator sandboxes unavailable: {reason}")
-    with LambdaEmulator(sandbox=True) as emu:
-        yield emu
+from lambda_world import emulator  # noqa: E402,F401  (fixture)
 
 
 def test_lambda_runtime_carries_dask_optional_dependencies(emulator, capsys):

@@ -25,61 +25,20 @@ pytest.importorskip("awslambdaric")
 
 from distributed import Client  # noqa: E402
 from distributed.diagnostics.plugin import SchedulerPlugin  # noqa: E402
+from lambda_world import (  # noqa: E402,F401  (fixtures: emulator, runtime_package)
+    EXTRA,
+    busy_environments,
+    emulator,
+    make_cluster,
+    runtime_package,
+    wait_no_busy,
+)
 
 from dask_lithops import config  # noqa: E402
 from dask_lithops.payload import RuntimeMismatch  # noqa: E402
 from dask_lithops.serverless import ServerlessCluster  # noqa: E402
 
-EXTRA = ["pandas", "pyarrow", "numpy"]
 pytestmark = pytest.mark.timeout(300)
-
-
-def _sandbox_reason():
-    if os.geteuid() != 0:
-        return "needs root (network namespaces for outbound-only sandboxes)"
-    from dask_lithops.testing.lambda_emulator import sandbox_unavailable
-
-    return sandbox_unavailable()
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    reason = _sandbox_reason()
-    if reason:
-        pytest.skip(f"Lambda emulator sandboxes unavailable: {reason}")
-    from dask_lithops.testing.lambda_emulator import LambdaEmulator
-
-    with LambdaEmulator(sandbox=True) as emu:
-        yield emu
-
-
-@pytest.fixture(scope="module")
-def runtime_package():
-    """The runtime zip, built once (cached under ~/.cache/dask-lithops/runtimes)."""
-    from dask_lithops.runtime.builder import build_runtime
-
-    return build_runtime("default", extra_packages=EXTRA)
-
-
-def make_cluster(emu, **kwargs):
-    kwargs.setdefault("runtime_memory", 1024)
-    kwargs.setdefault("runtime_timeout", 120)
-    kwargs.setdefault("extra_packages", EXTRA)
-    kwargs.setdefault("dashboard_address", None)
-    return ServerlessCluster(endpoint_url=emu.endpoint_url, contact_address=emu.host_address,
-                             **kwargs)
-
-
-def busy_environments(emu, function=None):
-    return [e for e in emu.environments if e.state in ("busy", "starting")
-            and (function is None or e.function == function)]
-
-
-def wait_no_busy(emu, function, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while busy_environments(emu, function) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return busy_environments(emu, function)
 
 
 class RecomputeCounter(SchedulerPlugin):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 
@@ -13,33 +12,17 @@ pytest.importorskip("boto3")
 pytest.importorskip("awslambdaric")
 
 from distributed import Client  # noqa: E402
+from lambda_world import (  # noqa: E402,F401  (fixtures: emulator, runtime_package)
+    emulator,
+    make_cluster,
+    runtime_package,
+    wait_no_busy,
+)
 
 from dask_lithops.failures import WorkerFailureError  # noqa: E402
-from dask_lithops.serverless import ServerlessCluster  # noqa: E402
 from dask_lithops.serverless.cluster import LIFETIME_ATTEMPTS  # noqa: E402
 
-EXTRA = ["pandas", "pyarrow", "numpy"]
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces for outbound-only sandboxes)")
-    from dask_lithops.testing.lambda_emulator import LambdaEmulator, sandbox_unavailable
-
-    reason = sandbox_unavailable()
-    if reason:
-        pytest.skip(f"Lambda emulator sandboxes unavailable: {reason}")
-    with LambdaEmulator(sandbox=True) as emu:
-        yield emu
-
-
-@pytest.fixture(scope="module")
-def runtime_package():
-    from dask_lithops.runtime.builder import build_runtime
-
-    return build_runtime("default", extra_packages=EXTRA)
 
 
 def task_functions():
@@ -62,26 +45,6 @@ def task_functions():
         return sum(len(c) for c in chunks)
 
     return sleep_then, grow_memory
-
-
-def make_cluster(emu, **kwargs):
-    kwargs.setdefault("runtime_memory", 1024)
-    kwargs.setdefault("runtime_timeout", 120)
-    kwargs.setdefault("extra_packages", EXTRA)
-    kwargs.setdefault("dashboard_address", None)
-    return ServerlessCluster(endpoint_url=emu.endpoint_url, contact_address=emu.host_address,
-                             **kwargs)
-
-
-def busy(emu, fn):
-    return [e for e in emu.environments if e.state in ("busy", "starting") and e.function == fn]
-
-
-def no_invocation_left(emu, fn, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while busy(emu, fn) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return not busy(emu, fn)
 
 
 def test_task_longer_than_the_function_lifetime_fails_naming_the_fix(emulator, runtime_package):
@@ -110,7 +73,7 @@ def test_task_longer_than_the_function_lifetime_fails_naming_the_fix(emulator, r
         assert client.submit(sleep_then, 0.1, 7).result(timeout=60) == 7
         timedout = [i for i in emulator.invocations(fn) if i.status == "timedout"]
         assert not timedout
-    assert no_invocation_left(emulator, fn)
+    assert wait_no_busy(emulator, fn) == []
 
 
 def test_out_of_memory_reason_reaches_the_client_and_close_is_prompt(
@@ -143,7 +106,7 @@ def test_out_of_memory_reason_reaches_the_client_and_close_is_prompt(
     # the with block closed the cluster: prompt, and no bogus warning about dead workers
     assert time.monotonic() - close_start < 10
     assert not [r for r in caplog.records if "did not report its end" in r.getMessage()]
-    assert no_invocation_left(emulator, fn)
+    assert wait_no_busy(emulator, fn) == []
 
 
 def test_a_task_that_kills_every_function_fails_with_the_reason_while_others_finish(
@@ -181,7 +144,7 @@ def test_a_task_that_kills_every_function_fails_with_the_reason_while_others_fin
         assert elapsed < 60 + starts, (elapsed, starts)
         assert client.gather(others) == list(range(i))
         assert cluster._gave_up is None  # allowed-failures ended it, not the crash loop
-    assert no_invocation_left(emulator, fn)
+    assert wait_no_busy(emulator, fn) == []
 
 
 @pytest.fixture
@@ -211,7 +174,7 @@ def test_missing_module_in_the_function_fails_with_the_fix(
         assert "module 'client_helpers_faas' is a local file of the client" in str(info.value)
         assert "client.upload_file" in str(info.value)
         assert {f.kind for f in cluster.worker_failures} == {"missing-module"}
-    assert no_invocation_left(emulator, fn)
+    assert wait_no_busy(emulator, fn) == []
 
 
 class _ForwardOnce:
@@ -305,7 +268,7 @@ def test_a_worker_whose_scheduler_is_gone_ends_at_once(emulator, runtime_package
             template, name="gone-2", scheduler_address=f"{scheme}://{host}:{forward.port}"))
         assert report["reason"] == "scheduler-unreachable", report
         assert REFUSED_GRACE <= report["duration"] < REFUSED_GRACE + 5, report
-    assert no_invocation_left(emulator, fn)
+    assert wait_no_busy(emulator, fn) == []
 
 
 def test_throttled_invokes_wait_for_capacity_and_are_not_crashes(
@@ -341,7 +304,7 @@ def test_throttled_invokes_wait_for_capacity_and_are_not_crashes(
         in warned[0]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR
                 and r.name.startswith("dask_lithops")]
-    assert no_invocation_left(emulator, fn)
+    assert wait_no_busy(emulator, fn) == []
 
 
 def test_invocations_queued_over_concurrency_fail_the_waiting_computation(
@@ -374,7 +337,7 @@ def test_invocations_queued_over_concurrency_fail_the_waiting_computation(
         # capacity again: the queued invocation starts, computations wait for it again
         assert client.submit(sleep_then, 0.1, 7, pure=False).result(timeout=60) == 7
         assert len(client.scheduler_info()["workers"]) == 1
-    assert no_invocation_left(emulator, fn)
+    assert wait_no_busy(emulator, fn) == []
 
 
 def test_p2p_shuffle_longer_than_the_rotations_fails_naming_the_fix(emulator, runtime_package):
