@@ -371,9 +371,10 @@ def _too_big(name, unzipped, unzipped_limit, zip_limit, extra, reasons, built: s
 def _assemble(name, version, python, architecture, core, extra, self_files, dists, tmp: Path,
               zip_limit, unzipped_limit, reasons=None) -> RuntimePackage:
     reasons = reasons or {}
+    core_files = [f for d in core.values() for f in distribution_files(d)]
+    extra_files = [f for d in extra.values() for f in distribution_files(d)]
     # the files alone (before .pyc are added) already over the limit: say so before zipping
-    floor = sum(src.stat().st_size for d in (*core.values(), *extra.values())
-                for src, _ in distribution_files(d))
+    floor = sum(src.stat().st_size for src, _ in (*core_files, *extra_files))
     if floor > unzipped_limit:
         raise _too_big(name, floor, unzipped_limit, zip_limit, extra, reasons,
                        " (its files alone, before anything was built)", at_least=True)
@@ -384,9 +385,8 @@ def _assemble(name, version, python, architecture, core, extra, self_files, dist
         fz.add(arc, data)
     for arc, data, x in _file_items(self_files, "", True, work):
         fz.add(arc, data, x)
-    for dist in core.values():
-        for arc, data, x in _file_items(distribution_files(dist), "", True, work):
-            fz.add(arc, data, x)
+    for arc, data, x in _file_items(core_files, "", True, work):
+        fz.add(arc, data, x)
     zipped = fz.close()
     unzipped = fz.unzipped
     if zipped > zip_limit:
@@ -394,7 +394,6 @@ def _assemble(name, version, python, architecture, core, extra, self_files, dist
             f"the runtime's core alone is {zipped / 2**20:.1f} MB zipped, over Lambda's "
             f"{zip_limit / 2**20:.0f} MB direct-upload limit; use a container image runtime")
     layers = []
-    extra_files = [f for d in extra.values() for f in distribution_files(d)]
     if extra_files:
         budget = zip_limit - zipped
         # Small enough to sit in the function zip itself?
