@@ -43,9 +43,12 @@ def test_cached_build_is_reused(core_package):
 
 
 def test_too_big_fails_clearly_and_says_what_to_do(tmp_path):
-    with pytest.raises(RuntimeBuildError, match=r"MB unzipped .* Lambda allows .* container image"):
+    with pytest.raises(RuntimeBuildError, match=r"MB unzipped .* Lambda allows .* container image"
+                       ) as info:
         build_runtime("toobig", extra_packages=["numpy"], cache_dir=tmp_path,
                       unzipped_limit=20 * 2**20)
+    assert "before anything was built" in str(info.value)  # its files' sizes said so at once
+    assert not list(tmp_path.glob("**/*.zip"))
     with pytest.raises(RuntimeBuildError, match=r"not installed on this client"):
         build_runtime("missing", extra_packages=["surely-not-a-package-xyz"], cache_dir=tmp_path)
 
